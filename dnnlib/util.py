@@ -1,0 +1,240 @@
+"""General utilities: EasyDict, class construction by name, cached URL opening, atomic writes, progress."""
+
+import contextlib
+import hashlib
+import importlib
+import io
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+import urllib.parse
+from typing import Any, Callable, Iterator
+
+import click
+import requests
+
+#----------------------------------------------------------------------------
+
+class EasyDict(dict):
+    """Dict whose items are also attributes: d.x == d['x']."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self[name] = value
+
+    def __delattr__(self, name: str) -> None:
+        del self[name]
+
+
+class UserError(click.ClickException):
+    """A mistake in the user's input. Raised anywhere; click CLIs print 'Error: <message>' and exit 1."""
+
+#----------------------------------------------------------------------------
+# Construction by name.
+
+def get_obj_by_name(name: str) -> Any:
+    """Return the object at a dotted path, e.g. 'training.networks.EDMPrecond'."""
+    module_name, _, attr = name.rpartition('.')
+    if not module_name:
+        raise UserError(f'Not a dotted object name: {name!r}')
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise UserError(f'Cannot import module {module_name!r} for {name!r}: {e}')
+    obj = module
+    for part in attr.split('.'):
+        if not hasattr(obj, part):
+            raise UserError(f'{module_name!r} has no attribute {attr!r}')
+        obj = getattr(obj, part)
+    return obj
+
+
+def construct_class_by_name(*args, class_name: str, **kwargs) -> Any:
+    """Construct an object from its class's dotted name and constructor arguments."""
+    cls = get_obj_by_name(class_name)
+    if not callable(cls):
+        raise UserError(f'{class_name!r} is not callable')
+    return cls(*args, **kwargs)
+
+#----------------------------------------------------------------------------
+# Atomic file output.
+
+@contextlib.contextmanager
+def atomic_write(path: str, mode: str = 'wb') -> Iterator[Any]:
+    """Open a temporary file beside `path`; rename it onto `path` only if the block completes."""
+    path = os.fspath(path)
+    dirname = os.path.dirname(os.path.abspath(path))
+    os.makedirs(dirname, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dirname, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+def atomic_replace_dir(tmp_dir: str, dest_dir: str) -> None:
+    """Move a completed temporary directory onto `dest_dir`, replacing an existing one."""
+    if os.path.exists(dest_dir):
+        old = dest_dir.rstrip('/') + f'.old-{os.getpid()}'
+        os.rename(dest_dir, old)
+        os.rename(tmp_dir, dest_dir)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp_dir, dest_dir)
+
+#----------------------------------------------------------------------------
+# URLs with a download cache.
+
+def make_cache_dir_path(*paths: str) -> str:
+    """Cache directory: $DNNLIB_CACHE_DIR, else $XDG_CACHE_HOME/dnnlib, else ~/.cache/dnnlib."""
+    if 'DNNLIB_CACHE_DIR' in os.environ:
+        return os.path.join(os.environ['DNNLIB_CACHE_DIR'], *paths)
+    base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+    return os.path.join(base, 'dnnlib', *paths)
+
+
+def is_url(obj: Any, allow_file_urls: bool = False) -> bool:
+    """True for http(s):// URLs, and for file:// URLs when allowed."""
+    if not isinstance(obj, str) or '://' not in obj:
+        return False
+    scheme = urllib.parse.urlparse(obj).scheme
+    return scheme in ('http', 'https') or (allow_file_urls and scheme == 'file')
+
+
+def _file_url_to_path(url: str) -> str:
+    parsed = urllib.parse.urlparse(url)
+    return urllib.parse.unquote(parsed.netloc + parsed.path)
+
+
+def open_url(url: str, cache_dir: str | None = None, num_attempts: int = 5, verbose: bool = True,
+             return_filename: bool = False, cache: bool = True, timeout: float = 60.0) -> Any:
+    """Open a local path, file:// URL or http(s):// URL as a binary file object (or return its path).
+
+    Downloads are cached under `cache_dir` (default make_cache_dir_path('downloads')) keyed by the
+    URL's hash; the cache file appears only once the download is complete.
+    """
+    if not is_url(url, allow_file_urls=True):
+        path = os.path.expanduser(os.fspath(url))
+        if not os.path.isfile(path):
+            raise UserError(f'No such file: {path}')
+        return path if return_filename else open(path, 'rb')
+    if url.startswith('file://'):
+        path = _file_url_to_path(url)
+        if not os.path.isfile(path):
+            raise UserError(f'No such file: {path} (from {url})')
+        return path if return_filename else open(path, 'rb')
+    assert num_attempts >= 1
+    assert not (return_filename and not cache)
+
+    if cache_dir is None:
+        cache_dir = make_cache_dir_path('downloads')
+    url_md5 = hashlib.md5(url.encode('utf-8')).hexdigest()
+    if cache:
+        hits = sorted(f for f in (os.listdir(cache_dir) if os.path.isdir(cache_dir) else [])
+                      if f.startswith(url_md5 + '_') and not f.endswith('.tmp') and not f.startswith('.'))
+        if hits:
+            path = os.path.join(cache_dir, hits[0])
+            return path if return_filename else open(path, 'rb')
+
+    data = None
+    for attempt in range(num_attempts):
+        if verbose:
+            print(f'Downloading {url} ...', end='', file=sys.stderr, flush=True)
+        try:
+            with requests.get(url, timeout=timeout) as res:
+                res.raise_for_status()
+                data = res.content
+                expected = res.headers.get('Content-Length')
+                if expected is not None and int(expected) != len(data):
+                    raise IOError(f'incomplete download: {len(data)} of {expected} bytes')
+            if verbose:
+                print(' done', file=sys.stderr)
+            break
+        except (requests.RequestException, IOError) as e:
+            if verbose:
+                print(' failed', file=sys.stderr)
+            if attempt == num_attempts - 1:
+                raise UserError(f'Could not download {url} after {num_attempts} attempts: {e}')
+            time.sleep(min(2 ** attempt * 0.1, 5.0))
+
+    if cache:
+        name = re.sub(r'[^0-9a-zA-Z._-]+', '_', os.path.basename(urllib.parse.urlparse(url).path)) or 'file'
+        path = os.path.join(cache_dir, f'{url_md5}_{name}')
+        with atomic_write(path, 'wb') as f:
+            f.write(data)
+        if return_filename:
+            return path
+    return io.BytesIO(data)
+
+#----------------------------------------------------------------------------
+# Formatting and progress.
+
+def format_time(seconds: float) -> str:
+    """Human-readable duration: '42s', '3m 05s', '2h 07m', '1d 03h'."""
+    s = int(round(max(seconds, 0)))
+    if s < 60:
+        return f'{s}s'
+    if s < 3600:
+        return f'{s // 60}m {s % 60:02d}s'
+    if s < 86400:
+        return f'{s // 3600}h {(s // 60) % 60:02d}m'
+    return f'{s // 86400}d {(s // 3600) % 24:02d}h'
+
+
+def parse_int_list(s: str | list | tuple) -> list[int]:
+    """Parse '0-3,7,10-11' into [0, 1, 2, 3, 7, 10, 11]."""
+    if isinstance(s, (list, tuple)):
+        return [int(x) for x in s]
+    out = []
+    for part in str(s).split(','):
+        part = part.strip()
+        m = re.fullmatch(r'(\d+)-(\d+)', part)
+        if m:
+            lo, hi = int(m.group(1)), int(m.group(2))
+            if hi < lo:
+                raise UserError(f'Bad range {part!r}: end before start')
+            out.extend(range(lo, hi + 1))
+        elif re.fullmatch(r'\d+', part):
+            out.append(int(part))
+        else:
+            raise UserError(f'Bad integer list {s!r}: expected e.g. 0-99,200')
+    return out
+
+
+class Progress:
+    """Prints 'desc: done/total (pct) elapsed, ETA' at most every `interval` seconds."""
+
+    def __init__(self, total: int, desc: str, interval: float = 10.0, enabled: bool = True,
+                 printer: Callable[[str], None] | None = None):
+        self.total, self.desc, self.interval, self.enabled = total, desc, interval, enabled
+        self.printer = printer or (lambda line: print(line, flush=True))
+        self.done = 0
+        self.start = self.last = time.time()
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        now = time.time()
+        if self.enabled and (now - self.last >= self.interval or self.done >= self.total):
+            self.last = now
+            self.printer(self.line())
+
+    def line(self) -> str:
+        elapsed = time.time() - self.start
+        pct = 100.0 * self.done / max(self.total, 1)
+        eta = elapsed / self.done * (self.total - self.done) if self.done else float('nan')
+        eta_s = format_time(eta) if eta == eta else '?'
+        return f'{self.desc}: {self.done}/{self.total} ({pct:.0f}%) elapsed {format_time(elapsed)}, ETA {eta_s}'

@@ -1,0 +1,1 @@
+"""PyTorch utilities: distributed launch, statistics, per-sample random numbers, misc helpers."""

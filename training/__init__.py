@@ -1,0 +1,1 @@
+"""Training: networks, losses, augmentation, datasets, checkpoints, samplers, metrics, loops."""
