@@ -1,0 +1,141 @@
+"""Correctness (not speed) of torch_utils.perf: precision choice, autocast fallback, channels_last, attention."""
+
+import warnings
+
+import pytest
+import torch
+
+from dnnlib.util import UserError
+from torch_utils import perf
+
+#----------------------------------------------------------------------------
+
+def _cpuinfo(tmp_path, flags: str) -> str:
+    path = tmp_path / 'cpuinfo'
+    path.write_text(f'processor\t: 0\nmodel name\t: Test CPU\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n')
+    return str(path)
+
+
+def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
+    assert perf.cpu_flags(_cpuinfo(tmp_path, 'fpu sse avx512_bf16 avx2')) == {'fpu', 'sse', 'avx512_bf16', 'avx2'}
+    assert perf.cpu_flags(str(tmp_path / 'missing')) == frozenset()
+
+
+@pytest.mark.parametrize('flags, expected', [('sse avx2 avx512f', False), ('sse avx512_bf16', True), ('amx_tile amx_bf16', True)])
+def test_cpu_has_bf16_needs_bf16_units(tmp_path, flags, expected):
+    assert perf.cpu_has_bf16(_cpuinfo(tmp_path, flags)) == (expected and torch.backends.mkldnn.is_available())
+
+
+def test_cpu_has_bf16_without_cpuinfo_is_false(tmp_path):
+    assert perf.cpu_has_bf16(str(tmp_path / 'missing')) is False
+
+#----------------------------------------------------------------------------
+
+def test_resolve_precision(monkeypatch):
+    monkeypatch.setattr(perf, 'device_has_bf16', lambda device: True)
+    assert perf.resolve_precision('auto', 'cpu') == 'bf16'
+    assert perf.resolve_precision('bf16', 'cpu') == 'bf16'
+    assert perf.resolve_precision('fp32', 'cpu') == 'fp32'
+    monkeypatch.setattr(perf, 'device_has_bf16', lambda device: False)
+    assert perf.resolve_precision('auto', 'cpu') == 'fp32'
+    with pytest.warns(UserWarning, match='no native bf16'):
+        assert perf.resolve_precision('bf16', 'cpu') == 'fp32'
+    with pytest.raises(UserError, match='Unknown precision'):
+        perf.resolve_precision('fp16', 'cpu')
+
+
+def test_auto_never_picks_bf16_on_cuda_without_cuda():
+    if torch.cuda.is_available():
+        pytest.skip('CUDA present')
+    assert perf.device_has_bf16('cuda') is False
+    assert perf.resolve_precision('auto', 'cuda') == 'fp32'
+
+
+def test_autocast_falls_back_to_fp32_when_unsupported(monkeypatch):
+    a, b = torch.randn(8, 8), torch.randn(8, 8)
+    monkeypatch.setattr(perf, 'device_has_bf16', lambda device: False)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        with perf.autocast('cpu', 'bf16'):
+            out = a @ b
+    assert out.dtype == torch.float32
+    assert torch.equal(out, a @ b)
+
+
+def test_autocast_bf16_runs_matmuls_in_bf16(monkeypatch):
+    a, b = torch.randn(8, 8), torch.randn(8, 8)
+    monkeypatch.setattr(perf, 'device_has_bf16', lambda device: True)
+    with perf.autocast('cpu', 'auto'):
+        out = a @ b
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), a @ b, atol=0.1, rtol=0.05)
+    with perf.autocast('cpu', 'fp32'):
+        assert (a @ b).dtype == torch.float32
+
+#----------------------------------------------------------------------------
+
+def _small_convnet() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.GroupNorm(4, 8), torch.nn.SiLU(),
+                               torch.nn.Conv2d(8, 8, 3, padding=1, stride=2), torch.nn.ConvTranspose2d(8, 3, 2, stride=2))
+
+
+def test_channels_last_gives_same_outputs_and_gradients():
+    x = torch.randn(4, 3, 16, 16)
+    ref = _small_convnet()
+    ref(x).square().sum().backward()
+    net = perf.prepare_for_training(_small_convnet(), channels_last=True)
+    assert net[0].weight.is_contiguous(memory_format=torch.channels_last)
+    out = net(perf.to_channels_last(x))
+    torch.testing.assert_close(out, ref(x), atol=1e-5, rtol=1e-5)
+    out.square().sum().backward()
+    for p, q in zip(net.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-4, rtol=1e-4)
+    # State dicts keep names and values, so snapshots are interchangeable.
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), _small_convnet().state_dict().values()))
+
+
+def test_prepare_for_inference_freezes_and_keeps_outputs():
+    x = torch.randn(2, 3, 16, 16)
+    ref = _small_convnet().eval()
+    net = perf.prepare_for_inference(_small_convnet().train(), channels_last=True)
+    assert not net.training and not any(p.requires_grad for p in net.parameters())
+    torch.testing.assert_close(net(x), ref(x), atol=1e-5, rtol=1e-5)
+
+
+def test_to_channels_last_keeps_values_and_leaves_other_ranks():
+    x = torch.randn(2, 3, 4, 5)
+    y = perf.to_channels_last(x)
+    assert y.is_contiguous(memory_format=torch.channels_last) and torch.equal(x, y)
+    assert perf.to_channels_last(x, enable=False) is x
+    z = torch.randn(2, 3)
+    assert perf.to_channels_last(z) is z
+
+#----------------------------------------------------------------------------
+
+def test_fused_attention_matches_edm_attention():
+    torch.manual_seed(0)
+    n, c, length = 3, 8, 16
+    q, k, v = (torch.randn(n, c, length, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    # EDM: w[n, q, k] = softmax_k(sum_c q[n,c,q] k[n,c,k] / sqrt(c)); out[n,c,q] = sum_k w[n,q,k] v[n,c,k].
+    w = torch.einsum('ncq,nck->nqk', q, k / c ** 0.5).softmax(dim=2)
+    ref = torch.einsum('nqk,nck->ncq', w, v)
+    out = perf.fused_attention(q, k, v)
+    assert out.shape == (n, c, length)
+    torch.testing.assert_close(out, ref)
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    ref_grads = torch.autograd.grad(ref.sum(), (q, k, v))
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)
+
+#----------------------------------------------------------------------------
+
+def test_peak_memory_sees_a_temporary_allocation():
+    size = 256 << 20
+    with perf.track_peak_memory('cpu') as before:
+        pass
+    with perf.track_peak_memory('cpu') as during:
+        buf = torch.ones(size // 4, dtype=torch.float32)  # touched, so resident
+        del buf
+    assert during['peak_bytes'] >= before['peak_bytes'] + size * 3 // 4
+    assert perf.peak_memory('cpu') > 0

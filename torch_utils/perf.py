@@ -1,0 +1,168 @@
+"""The fast path: precision choice, bf16 autocast, channels_last / torch.compile, fused attention, peak memory."""
+
+import contextlib
+import functools
+import os
+import warnings
+from typing import Iterator
+
+import torch
+
+from dnnlib.util import UserError
+
+PRECISIONS = ('auto', 'fp32', 'bf16')
+
+#----------------------------------------------------------------------------
+# Hardware capabilities.
+
+@functools.lru_cache(maxsize=None)
+def cpu_flags(cpuinfo_path: str = '/proc/cpuinfo') -> frozenset[str]:
+    """The CPU feature flags the kernel reports; empty where /proc/cpuinfo is missing (macOS, Windows)."""
+    try:
+        with open(cpuinfo_path) as f:
+            for line in f:
+                if line.startswith('flags'):
+                    return frozenset(line.split(':', 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_has_bf16(cpuinfo_path: str = '/proc/cpuinfo') -> bool:
+    """True if the CPU has bf16 dot-product units (AMX amx_bf16 or AVX-512 avx512_bf16) that oneDNN uses."""
+    # Without these units PyTorch emulates bf16 on the CPU: correct but slower than fp32.
+    return bool(cpu_flags(cpuinfo_path) & {'amx_bf16', 'avx512_bf16'}) and torch.backends.mkldnn.is_available()
+
+
+def device_has_bf16(device: torch.device | str) -> bool:
+    """True if bf16 autocast runs natively (not emulated) on this device."""
+    device = torch.device(device)
+    if device.type == 'cuda':
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == 'cpu':
+        return cpu_has_bf16()
+    return False
+
+#----------------------------------------------------------------------------
+# Precision.
+
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """Map 'auto' | 'fp32' | 'bf16' to the precision actually used on `device`: 'fp32' or 'bf16'.
+
+    'auto' is bf16 where the device computes bf16 natively (CUDA Ampere and newer; CPUs with AMX or
+    avx512_bf16), fp32 elsewhere. An explicit 'bf16' on a device without native bf16 falls back to
+    fp32 with a warning, because emulated bf16 is slower than fp32 and buys nothing.
+    """
+    if precision not in PRECISIONS:
+        raise UserError(f'Unknown precision {precision!r}: use one of {", ".join(PRECISIONS)}')
+    if precision == 'fp32':
+        return 'fp32'
+    if device_has_bf16(device):
+        return 'bf16'
+    if precision == 'bf16':
+        warnings.warn(f'bf16 requested but {torch.device(device)} has no native bf16; using fp32', stacklevel=2)
+    return 'fp32'
+
+
+def autocast(device: torch.device | str, precision: str) -> contextlib.AbstractContextManager:
+    """A context that runs eligible ops (convolutions, matmuls) in bf16 when `precision` resolves to bf16.
+
+    Normalisations, softmax and the loss stay fp32 (autocast's own lists); EDM's preconditioner casts
+    the network output back to fp32, so callers see fp32 (or fp64) tensors either way. Use it around
+    forward passes only; run backward() outside the context. bf16 needs no gradient scaler.
+    """
+    device = torch.device(device)
+    if resolve_precision(precision, device) != 'bf16':
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def configure_backends(device: torch.device | str, cudnn_benchmark: bool = True) -> None:
+    """Let cuDNN pick the fastest convolution algorithms for fixed shapes; keep fp32 matmuls exact (EDM)."""
+    if torch.device(device).type == 'cuda':
+        torch.backends.cudnn.benchmark = cudnn_benchmark
+        # TF32 stays off so 'fp32' means fp32 (EDM's choice); the speed comes from bf16 instead.
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+#----------------------------------------------------------------------------
+# Module preparation.
+
+def to_channels_last(x: torch.Tensor, enable: bool = True) -> torch.Tensor:
+    """x in channels_last (NHWC) memory format when enabled and 4-D; values and shape unchanged."""
+    return x.contiguous(memory_format=torch.channels_last) if enable and x.ndim == 4 else x
+
+
+def prepare_for_training(net: torch.nn.Module, channels_last: bool = False, compile: bool = False) -> torch.nn.Module:
+    """Put `net`'s 4-D weights in channels_last and/or wrap it in torch.compile; parameters stay shared.
+
+    Call after moving `net` to its device and before wrapping it in DDP. channels_last converts the
+    parameters in place, so an optimizer built before or after sees the same tensors, and state dicts
+    keep their names and values; a compiled wrapper forwards attribute access to `net`.
+    """
+    if channels_last:
+        net.to(memory_format=torch.channels_last)
+    if compile:
+        return torch.compile(net)
+    return net
+
+
+def prepare_for_inference(net: torch.nn.Module, channels_last: bool = False, compile: bool = False) -> torch.nn.Module:
+    """`net` in eval mode without gradients, optionally channels_last and/or compiled, for sampling and FID."""
+    net.eval().requires_grad_(False)
+    return prepare_for_training(net, channels_last=channels_last, compile=compile)
+
+#----------------------------------------------------------------------------
+# Fused attention.
+
+def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q^T k / sqrt(C)) applied to v, with EDM's layout: q, k, v are [N, C, L] -> [N, C, L].
+
+    Same result as EDM's AttentionOp (einsum + softmax in fp32) followed by its value einsum, through
+    scaled_dot_product_attention, which never stores the L x L weights when a fused kernel exists.
+    """
+    out = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2)
+
+#----------------------------------------------------------------------------
+# Memory.
+
+def reset_peak_memory(device: torch.device | str) -> None:
+    """Start a new peak-memory window: CUDA's allocator counter, or the process's peak RSS on Linux."""
+    device = torch.device(device)
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        # Writing 5 to clear_refs resets VmHWM (Linux >= 4.0); elsewhere the peak covers the process life.
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')
+    except OSError:
+        pass
+
+
+def peak_memory(device: torch.device | str) -> int:
+    """Peak memory in bytes since the last reset: CUDA tensors allocated, or the process's peak RSS on CPU."""
+    device = torch.device(device)
+    if device.type == 'cuda':
+        return int(torch.cuda.max_memory_allocated(device))
+    try:
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith('VmHWM:'):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource  # Unix only; reached only where /proc is missing.
+    # ru_maxrss is KiB on Linux and bytes on macOS.
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if os.uname().sysname == 'Darwin' else rss * 1024)
+
+
+@contextlib.contextmanager
+def track_peak_memory(device: torch.device | str) -> Iterator[dict]:
+    """`with track_peak_memory(dev) as m: ...` leaves m['peak_bytes'] set to the peak inside the block."""
+    result: dict = {}
+    reset_peak_memory(device)
+    yield result
+    result['peak_bytes'] = peak_memory(device)
