@@ -98,10 +98,23 @@ def test_channels_last_gives_same_outputs_and_gradients():
 def test_prepare_for_inference_freezes_and_keeps_outputs():
     x = torch.randn(2, 3, 16, 16)
     ref = _small_convnet().eval()
+    plain = _small_convnet().train()
+    assert perf.prepare_for_inference(plain) is plain  # fp32 without options: the network itself
     net = perf.prepare_for_inference(_small_convnet().train(), channels_last=True)
     assert not net.training and not any(p.requires_grad for p in net.parameters())
     torch.testing.assert_close(net(x), ref(x), atol=1e-5, rtol=1e-5)
 
+
+def test_prepare_for_inference_bf16_wrapper(monkeypatch):
+    monkeypatch.setattr(perf, 'device_has_bf16', lambda device: True)
+    inner = _small_convnet()
+    inner.sigma_min = 0.002  # stands for a preconditioner's attributes
+    net = perf.prepare_for_inference(inner, precision='auto')
+    assert net.sigma_min == 0.002 and net.net is inner
+    x = torch.randn(2, 3, 16, 16)
+    out = net(x)
+    assert out.dtype == torch.bfloat16  # a bare network; EDM's preconditioner casts back to fp32
+    torch.testing.assert_close(out.float(), inner(x), atol=0.05, rtol=0.05)
 
 def test_to_channels_last_keeps_values_and_leaves_other_ranks():
     x = torch.randn(2, 3, 4, 5)
@@ -110,23 +123,6 @@ def test_to_channels_last_keeps_values_and_leaves_other_ranks():
     assert perf.to_channels_last(x, enable=False) is x
     z = torch.randn(2, 3)
     assert perf.to_channels_last(z) is z
-
-#----------------------------------------------------------------------------
-
-def test_fused_attention_matches_edm_attention():
-    torch.manual_seed(0)
-    n, c, length = 3, 8, 16
-    q, k, v = (torch.randn(n, c, length, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    # EDM: w[n, q, k] = softmax_k(sum_c q[n,c,q] k[n,c,k] / sqrt(c)); out[n,c,q] = sum_k w[n,q,k] v[n,c,k].
-    w = torch.einsum('ncq,nck->nqk', q, k / c ** 0.5).softmax(dim=2)
-    ref = torch.einsum('nqk,nck->ncq', w, v)
-    out = perf.fused_attention(q, k, v)
-    assert out.shape == (n, c, length)
-    torch.testing.assert_close(out, ref)
-    grads = torch.autograd.grad(out.sum(), (q, k, v))
-    ref_grads = torch.autograd.grad(ref.sum(), (q, k, v))
-    for g, r in zip(grads, ref_grads):
-        torch.testing.assert_close(g, r)
 
 #----------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""The fast path: precision choice, bf16 autocast, channels_last / torch.compile, fused attention, peak memory."""
+"""The fast path: precision choice, bf16 autocast, channels_last / torch.compile preparation, peak memory."""
 
 import contextlib
 import functools
@@ -107,22 +107,46 @@ def prepare_for_training(net: torch.nn.Module, channels_last: bool = False, comp
     return net
 
 
-def prepare_for_inference(net: torch.nn.Module, channels_last: bool = False, compile: bool = False) -> torch.nn.Module:
-    """`net` in eval mode without gradients, optionally channels_last and/or compiled, for sampling and FID."""
-    net.eval().requires_grad_(False)
-    return prepare_for_training(net, channels_last=channels_last, compile=compile)
+class FastInference(torch.nn.Module):
+    """Calls `net` with channels_last inputs and/or under bf16 autocast; other attributes pass through to `net`.
 
-#----------------------------------------------------------------------------
-# Fused attention.
-
-def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q^T k / sqrt(C)) applied to v, with EDM's layout: q, k, v are [N, C, L] -> [N, C, L].
-
-    Same result as EDM's AttentionOp (einsum + softmax in fp32) followed by its value einsum, through
-    scaled_dot_product_attention, which never stores the L x L weights when a fused kernel exists.
+    For sampling and denoising only: outputs stay fp32 (EDM's preconditioner casts them back), and a
+    state dict of this wrapper has an extra 'net.' prefix, so save `wrapper.net` instead.
     """
-    out = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    return out.transpose(1, 2)
+
+    def __init__(self, net: torch.nn.Module, device_type: str, bf16: bool, channels_last: bool):
+        super().__init__()
+        self.net = net
+        self.device_type = device_type
+        self.bf16 = bf16
+        self.channels_last = channels_last
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        x = to_channels_last(x, self.channels_last)
+        with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.bf16):
+            return self.net(x, *args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules['net'], name)
+
+
+def prepare_for_inference(net: torch.nn.Module, precision: str = 'fp32', channels_last: bool = False,
+                          compile: bool = False) -> torch.nn.Module:
+    """`net` frozen (eval, no gradients) and made fast for sampling, denoising and FID.
+
+    precision 'auto' | 'fp32' | 'bf16' (see resolve_precision); with 'fp32' and no other option the
+    result is `net` itself, so exact-equality tests see the unchanged network.
+    """
+    net.eval().requires_grad_(False)
+    device = next(net.parameters()).device if any(True for _ in net.parameters()) else torch.device('cpu')
+    bf16 = resolve_precision(precision, device) == 'bf16'
+    net = prepare_for_training(net, channels_last=channels_last, compile=compile)
+    if not (bf16 or channels_last):
+        return net
+    return FastInference(net, device.type, bf16=bf16, channels_last=channels_last).eval()
 
 #----------------------------------------------------------------------------
 # Memory.
