@@ -144,13 +144,14 @@ class Dataset(torch.utils.data.Dataset):
     def _load_raw_image(self, raw_idx: int) -> np.ndarray:
         raise NotImplementedError
 
-    def _load_raw_labels(self) -> np.ndarray | None:
+    def raw_labels(self) -> np.ndarray | None:
+        """Stored labels by raw index (integers or vectors, as in dataset.json), or None."""
         raise NotImplementedError
 
     def _prepare_labels(self, use_labels: bool) -> np.ndarray:
         if not use_labels:
             return np.zeros([self._raw_shape[0], 0], dtype=np.float32)
-        raw = self._load_raw_labels()
+        raw = self.raw_labels()
         if raw is None:
             raise UserError(f'{self._name} has no labels; train unconditionally or add labels to its dataset.json')
         if raw.ndim == 1:
@@ -263,7 +264,7 @@ class ImageFolderDataset(Dataset):
                             f'{self._raw_shape[1:]}; convert with dataset_tool.py convert --resolution')
         return image
 
-    def _load_raw_labels(self) -> np.ndarray | None:
+    def raw_labels(self) -> np.ndarray | None:
         labels = self._metadata.get('labels')
         if labels is None:
             return None
@@ -325,7 +326,7 @@ class ArrayDataset(Dataset):
         image = np.array(self.images[raw_idx])
         return image.astype(np.float32) if image.dtype == np.float16 else image
 
-    def _load_raw_labels(self) -> np.ndarray | None:
+    def raw_labels(self) -> np.ndarray | None:
         labels = self._metadata.get('labels')
         if labels is None:
             return None
