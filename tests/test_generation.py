@@ -1,0 +1,137 @@
+"""Tests for training/generation.py and generate.py: per-seed images, sharding, PNG naming, zip and grid."""
+
+import os
+import sys
+import zipfile
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from training import generation
+
+
+class ToyDenoiser(torch.nn.Module):
+    """A tiny EDM-preconditioned denoiser with the attributes the sampler uses; counts its calls."""
+
+    def __init__(self, img_resolution: int = 8, img_channels: int = 3, label_dim: int = 0):
+        super().__init__()
+        self.img_resolution, self.img_channels, self.label_dim = img_resolution, img_channels, label_dim
+        self.sigma_min, self.sigma_max = 0, float('inf')
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(img_channels, img_channels, 3, padding=1)
+        self.label_proj = torch.nn.Linear(max(label_dim, 1), img_channels)
+        self.calls = 0
+
+    def round_sigma(self, sigma):
+        return torch.as_tensor(sigma)
+
+    def forward(self, x, sigma, class_labels=None):
+        self.calls += 1
+        x = x.to(torch.float32)
+        sigma = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1, 1, 1, 1)
+        c_skip, c_out, c_in = 0.25 / (sigma ** 2 + 0.25), sigma * 0.5 / (sigma ** 2 + 0.25).sqrt(), 1 / (sigma ** 2 + 0.25).sqrt()
+        F = torch.tanh(self.conv(c_in * x))
+        if class_labels is not None:
+            F = F + self.label_proj(class_labels)[:, :, None, None]
+        return c_skip * x + c_out * F
+
+
+def generate_all(net, seeds, batch_size, **kwargs):
+    out = {}
+    for batch_seeds, images in generation.generate_images(net, seeds, batch_size=batch_size, **kwargs):
+        assert images.dtype == torch.uint8 and images.shape[1:] == (net.img_channels, net.img_resolution, net.img_resolution)
+        out.update(zip(batch_seeds, images))
+    return out
+
+#----------------------------------------------------------------------------
+
+def test_images_do_not_depend_on_batch_size():
+    net = ToyDenoiser()
+    seeds = list(range(3, 17))
+    a = generate_all(net, seeds, batch_size=1, sampler_kwargs=dict(num_steps=6))
+    b = generate_all(net, seeds, batch_size=7, sampler_kwargs=dict(num_steps=6))
+    assert sorted(a) == seeds and sorted(b) == seeds
+    for s in seeds:
+        assert torch.equal(a[s], b[s]), s
+    assert not torch.equal(a[3], a[4])
+    # Churn draws noise from the same per-seed generators.
+    c = generate_all(net, seeds[:7], batch_size=1, sampler_kwargs=dict(num_steps=6, S_churn=5))
+    d = generate_all(net, seeds[:7], batch_size=7, sampler_kwargs=dict(num_steps=6, S_churn=5))
+    assert all(torch.equal(c[s], d[s]) for s in seeds[:7])
+    assert not torch.equal(c[3], a[3])
+
+
+def test_latents_follow_edm_per_seed_generators():
+    net = ToyDenoiser(img_channels=1)
+    net.forward = lambda x, sigma, labels=None: x  # D(x) = x: the ODE stands still at x_T = latent * sigma_max
+    images = generation.sample_images(net, [5, 6], num_steps=3, sigma_max=2)
+    latents = [torch.randn([1, 8, 8], generator=torch.Generator().manual_seed(s)) for s in [5, 6]]
+    torch.testing.assert_close(images, torch.stack(latents).to(torch.float64) * 2, rtol=1e-14, atol=0)
+
+
+def test_nfe_and_sigma_clipping():
+    net = ToyDenoiser()
+    generate_all(net, range(10), batch_size=4, sampler_kwargs=dict(num_steps=5))
+    assert net.calls == 3 * (2 * 5 - 1)  # 3 batches
+    seen = []
+    net.sigma_min, net.sigma_max = 0.01, 10
+    orig = net.forward
+    net.forward = lambda x, sigma, labels=None: (seen.append(float(sigma)), orig(x, sigma, labels))[1]
+    generation.sample_images(net, [0], num_steps=4)
+    assert max(seen) == pytest.approx(10) and min(seen) == pytest.approx(0.01)
+
+
+def test_class_labels():
+    net = ToyDenoiser(label_dim=4)
+    seen = []
+    orig = net.forward
+    net.forward = lambda x, sigma, labels=None: (seen.append(labels), orig(x, sigma, labels))[1]
+    generation.sample_images(net, [0, 1, 2], num_steps=2, class_idx=2)
+    assert torch.equal(seen[0], torch.eye(4)[[2, 2, 2]])
+    seen.clear()
+    generation.sample_images(net, list(range(32)), num_steps=2)
+    assert torch.all(seen[0].sum(1) == 1) and len(set(seen[0].argmax(1).tolist())) > 1
+    with pytest.raises(Exception, match='out of range'):
+        generation.sample_images(net, [0], num_steps=2, class_idx=4)
+
+
+def test_generate_to_dir_names_zip_and_grid(tmp_path):
+    net = ToyDenoiser()
+    outdir = str(tmp_path / 'out')
+    seeds = [0, 1, 999, 1000, 2500]
+    generation.generate_to_dir(net, outdir, seeds, batch_size=2, sampler_kwargs=dict(num_steps=3),
+                               subdirs=True, make_zip=True, make_grid=True)
+    names = sorted(os.path.relpath(os.path.join(r, f), outdir) for r, _, fs in os.walk(outdir) for f in fs)
+    assert names == ['000000/000000.png', '000000/000001.png', '000000/000999.png', '001000/001000.png', '002000/002500.png']
+    expected = generate_all(net, seeds, batch_size=5, sampler_kwargs=dict(num_steps=3))
+    png = np.asarray(PIL.Image.open(os.path.join(outdir, '001000/001000.png')))
+    assert np.array_equal(png, expected[1000].permute(1, 2, 0).numpy())
+    with zipfile.ZipFile(outdir + '.zip') as z:
+        assert sorted(z.namelist()) == names
+    grid = np.asarray(PIL.Image.open(outdir + '-grid.png'))
+    assert grid.shape == (2 * 8, 3 * 8, 3)
+    assert np.array_equal(grid[8:16, 0:8], expected[1000].permute(1, 2, 0).numpy())
+
+#----------------------------------------------------------------------------
+# The same seeds with 1 and 2 processes.
+
+def _worker(outdir: str) -> None:
+    from torch_utils import distributed
+    distributed.init()
+    generation.generate_to_dir(ToyDenoiser(), outdir, list(range(9)), batch_size=2, sampler_kwargs=dict(num_steps=4, S_churn=3))
+    distributed.cleanup()
+
+
+def test_images_do_not_depend_on_world_size(tmp_path, torchrun):
+    torchrun(['-m', 'tests.test_generation', str(tmp_path / 'two')])
+    _worker(str(tmp_path / 'one'))
+    for seed in range(9):
+        a = np.asarray(PIL.Image.open(tmp_path / 'one' / f'{seed:06d}.png'))
+        b = np.asarray(PIL.Image.open(tmp_path / 'two' / f'{seed:06d}.png'))
+        assert np.array_equal(a, b), seed
+
+
+if __name__ == '__main__':
+    _worker(sys.argv[1])

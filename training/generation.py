@@ -1,0 +1,141 @@
+"""Sharded image generation from a network: per-seed noise, EDM's Heun/Euler samplers, uint8 output."""
+
+import os
+import tempfile
+import zipfile
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import PIL.Image
+import torch
+
+from dnnlib.util import Progress, UserError, atomic_write
+from torch_utils import distributed
+from torch_utils.rng import StackedRandomGenerator
+from training import sampler
+
+SOLVERS = {'heun': sampler.heun_sampler, 'euler': sampler.euler_sampler}
+
+#----------------------------------------------------------------------------
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] images to uint8 as EDM rounds them: (x * 127.5 + 128) clipped and truncated."""
+    return (x * 127.5 + 128).clip(0, 255).to(torch.uint8)
+
+
+@torch.no_grad()
+def sample_images(net: torch.nn.Module, seeds: Sequence[int], num_steps: int = 18, sigma_min: float = 0.002,
+                  sigma_max: float = 80, rho: float = 7, S_churn: float = 0, S_min: float = 0, S_max: float = float('inf'),
+                  S_noise: float = 1, solver: str = 'heun', class_idx: int | None = None,
+                  device: torch.device | str | None = None) -> torch.Tensor:
+    """One batch of images (float64 NCHW, [-1, 1] units), image i drawn from its own seeds[i] as in EDM.
+
+    The latents, then the random class labels, then the churn noise come from one generator per image,
+    so an image does not depend on the batch it is in. sigma_min/sigma_max are clipped to the range
+    the network supports, as EDM does.
+    """
+    if solver not in SOLVERS:
+        raise UserError(f"Unknown solver {solver!r}: use {' or '.join(SOLVERS)}")
+    device = torch.device(device) if device is not None else next(net.parameters(), torch.empty(0)).device
+    rnd = StackedRandomGenerator(device, seeds)
+    latents = rnd.randn([len(seeds), net.img_channels, net.img_resolution, net.img_resolution])
+    class_labels = None
+    if net.label_dim:
+        class_labels = torch.eye(net.label_dim, device=device)[rnd.randint(net.label_dim, size=[len(seeds)])]
+        if class_idx is not None:
+            if not 0 <= class_idx < net.label_dim:
+                raise UserError(f'--class={class_idx} is out of range: the network has {net.label_dim} classes')
+            class_labels[:, :] = 0
+            class_labels[:, class_idx] = 1
+    sigmas = sampler.sigma_steps(num_steps, sigma_min=max(sigma_min, net.sigma_min), sigma_max=min(sigma_max, net.sigma_max),
+                                 rho=rho, round_sigma=net.round_sigma, device=device)
+    return SOLVERS[solver](sampler.net_denoiser(net, class_labels), latents.to(torch.float64) * sigmas[0], sigmas,
+                           S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise, randn_like=rnd.randn_like,
+                           round_sigma=net.round_sigma)
+
+
+@torch.no_grad()
+def generate_images(net: torch.nn.Module, seeds: Sequence[int], batch_size: int = 64, device: torch.device | str | None = None,
+                    sampler_kwargs: dict[str, Any] | None = None,
+                    class_idx: int | None = None) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """Yield (seeds of the batch, uint8 NCHW images on `device`) for THIS rank's contiguous shard of `seeds`.
+
+    Every rank must iterate its own generator; no collectives are involved. sampler_kwargs are
+    sample_images' keyword arguments (num_steps, sigma_min, sigma_max, rho, S_churn, S_min, S_max,
+    S_noise, solver).
+    """
+    if batch_size < 1:
+        raise UserError(f'Batch size must be at least 1, got {batch_size}')
+    seeds = [int(s) for s in seeds]
+    shard = distributed.shard(len(seeds))
+    mine = seeds[shard.start:shard.stop]
+    for start in range(0, len(mine), batch_size):
+        batch = mine[start:start + batch_size]
+        images = sample_images(net, batch, class_idx=class_idx, device=device, **(sampler_kwargs or {}))
+        yield batch, to_uint8(images)
+
+#----------------------------------------------------------------------------
+# Files: EDM's naming (000123.png, optionally in subdirectories 000000/, 001000/, ...).
+
+def image_path(outdir: str, seed: int, subdirs: bool = False) -> str:
+    """Where the PNG for `seed` goes."""
+    return os.path.join(outdir, f'{seed - seed % 1000:06d}', f'{seed:06d}.png') if subdirs else os.path.join(outdir, f'{seed:06d}.png')
+
+
+def save_png(path: str, image: np.ndarray) -> None:
+    """Write one CHW uint8 image; a temporary name renamed at the end, so no half-written PNG remains."""
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    hwc = image.transpose(1, 2, 0)
+    img = PIL.Image.fromarray(hwc[:, :, 0], 'L') if hwc.shape[2] == 1 else PIL.Image.fromarray(hwc, 'RGB')
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or '.', prefix='.tmp-', suffix='.png')
+    os.close(fd)
+    img.save(tmp, format='PNG')
+    os.replace(tmp, path)
+
+
+def write_zip(outdir: str, seeds: Sequence[int], subdirs: bool, dest: str) -> None:
+    """Pack the PNGs of `seeds` into the zip `dest`, under the same relative names (atomic)."""
+    with atomic_write(dest) as f, zipfile.ZipFile(f, 'w', compression=zipfile.ZIP_STORED) as z:
+        for seed in seeds:
+            path = image_path(outdir, seed, subdirs)
+            z.write(path, os.path.relpath(path, outdir).replace(os.sep, '/'))
+
+
+def write_grid(outdir: str, seeds: Sequence[int], subdirs: bool, dest: str, max_images: int = 64) -> None:
+    """Tile the PNGs of the first `max_images` seeds into one near-square PNG at `dest`."""
+    images = [np.asarray(PIL.Image.open(image_path(outdir, s, subdirs))) for s in seeds[:max_images]]
+    images = [im[:, :, None] if im.ndim == 2 else im for im in images]
+    h, w, c = images[0].shape
+    gw = int(np.ceil(np.sqrt(len(images))))
+    gh = (len(images) + gw - 1) // gw
+    grid = np.zeros([gh * h, gw * w, c], dtype=np.uint8)
+    for i, im in enumerate(images):
+        grid[(i // gw) * h:(i // gw + 1) * h, (i % gw) * w:(i % gw + 1) * w] = im
+    with atomic_write(dest) as f:
+        (PIL.Image.fromarray(grid[:, :, 0], 'L') if c == 1 else PIL.Image.fromarray(grid, 'RGB')).save(f, format='PNG')
+
+
+def generate_to_dir(net: torch.nn.Module, outdir: str, seeds: Sequence[int], batch_size: int = 64,
+                    device: torch.device | str | None = None, sampler_kwargs: dict[str, Any] | None = None,
+                    class_idx: int | None = None, subdirs: bool = False, make_zip: bool = False,
+                    make_grid: bool = False) -> None:
+    """Write one PNG per seed (this rank's shard); then rank 0 writes OUTDIR.zip and OUTDIR-grid.png if asked.
+
+    Call it on every rank: it ends with a barrier so the zip and grid see every rank's images.
+    """
+    seeds = [int(s) for s in seeds]
+    # Rank 0 extrapolates from its own shard (shards differ by at most one image).
+    progress = Progress(len(seeds), 'Generating', enabled=distributed.is_main())
+    for batch_seeds, images in generate_images(net, seeds, batch_size=batch_size, device=device,
+                                               sampler_kwargs=sampler_kwargs, class_idx=class_idx):
+        for seed, image in zip(batch_seeds, images.cpu().numpy()):
+            save_png(image_path(outdir, seed, subdirs), image)
+        progress.update(len(batch_seeds) * distributed.get_world_size())
+    distributed.barrier()
+    if distributed.is_main():
+        base = os.path.normpath(outdir)
+        if make_zip:
+            write_zip(outdir, seeds, subdirs, base + '.zip')
+        if make_grid:
+            write_grid(outdir, seeds, subdirs, base + '-grid.png')
+    distributed.barrier()
