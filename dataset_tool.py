@@ -9,7 +9,6 @@ import pickle
 import re
 import shutil
 import tarfile
-import tempfile
 import zipfile
 import zlib
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -22,7 +21,7 @@ import torch
 from dnnlib.util import Progress, UserError, atomic_replace_dir
 from torch_utils.rng import StackedRandomGenerator, derive_seed
 from training.dataset import (ArrayDataset, ArrayDatasetWriter, ImageFiles, assemble_array_dataset, json_default,
-                              open_dataset, to_model_space)
+                              make_temp_dir, open_dataset, to_model_space)
 
 CIFAR10_BATCHES = [f'data_batch_{i}' for i in range(1, 6)]
 CELEBA_SIZE = (178, 218)
@@ -205,9 +204,7 @@ def check_dest(dest: str, sources: Sequence[str], overwrite: bool) -> str:
 @contextlib.contextmanager
 def staged_output(dest: str, is_dir: bool) -> Iterator[str]:
     """Yield a temporary path beside `dest`; on success move it onto `dest`, on failure delete it."""
-    parent = os.path.dirname(dest)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f'.{os.path.basename(dest)}.', suffix='.tmp')
+    tmp = make_temp_dir(dest)
     try:
         if not is_dir:
             os.rmdir(tmp)

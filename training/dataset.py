@@ -355,6 +355,16 @@ def open_dataset(path: str, *, xflip: bool = False, max_size: int | None = None,
 #----------------------------------------------------------------------------
 # Writing array datasets.
 
+def make_temp_dir(dest: str) -> str:
+    """A fresh hidden directory beside `dest`, with the permissions a plain mkdir would give."""
+    parent = os.path.dirname(os.path.abspath(dest))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f'.{os.path.basename(dest)}.', suffix='.tmp')
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private (0700)
+    return tmp
+
 class ArrayDatasetWriter:
     """Writes rows of an array dataset into a temporary directory; close() renames it to `dest`.
 
@@ -373,10 +383,8 @@ class ArrayDatasetWriter:
         _check_shape(self.dest, self.image_shape)
         if os.path.exists(self.dest) and not overwrite:
             raise UserError(f'{self.dest} already exists; pass --overwrite to replace it')
-        parent = os.path.dirname(self.dest)
-        os.makedirs(parent, exist_ok=True)
         self.metadata = dict(metadata or {})
-        self._tmp = tempfile.mkdtemp(dir=parent, prefix=f'.{os.path.basename(self.dest)}.', suffix='.tmp')
+        self._tmp = make_temp_dir(self.dest)
         self._images = np.lib.format.open_memmap(os.path.join(self._tmp, 'images.npy'), mode='w+',
                                                  dtype=self.dtype, shape=(self.num_images, *self.image_shape))
         self._written = np.zeros(self.num_images, dtype=bool)
