@@ -1,0 +1,278 @@
+"""training_loop: the loss falls; 1 process = 2 processes = accumulation; exact resume after SIGKILL; transfer; mix."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from dnnlib.util import UserError
+from tests.conftest import ROOT
+from torch_utils import rng
+from training import checkpoint, training_loop as tl
+from training.dataset import ArrayDatasetWriter, open_dataset, to_model_space
+from training.loss import EDMLoss
+
+#----------------------------------------------------------------------------
+# A tiny synthetic data set and tiny options.
+
+def make_image_folder(path, num: int = 32, resolution: int = 8, seed: int = 0) -> str:
+    """EDM-layout folder of PNGs: smooth two-colour gradients, easy enough for a tiny net to learn."""
+    gen = np.random.default_rng(seed)
+    os.makedirs(path, exist_ok=True)
+    ramp = np.linspace(0, 1, resolution)[None, :, None]
+    for i in range(num):
+        a, b = gen.uniform(0, 255, size=(2, 1, 1, 3))
+        img = a + (b - a) * (ramp if i % 2 else ramp.transpose(1, 0, 2))
+        PIL.Image.fromarray(np.broadcast_to(img, (resolution, resolution, 3)).round().astype(np.uint8)).save(os.path.join(path, f'img{i:03d}.png'))
+    return str(path)
+
+
+def tiny_options(data: str, **overrides) -> dict:
+    """training_loop keyword arguments: 8x8 DDPM++ with a few thousand parameters, 8 steps of batch 8."""
+    opts = dict(
+        dataset_kwargs=dict(path=data),
+        network_kwargs=dict(class_name='training.networks.EDMPrecond', model_type='SongUNet', embedding_type='positional',
+                            encoder_type='standard', decoder_type='standard', channel_mult_noise=1, resample_filter=[1, 1],
+                            model_channels=8, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[], dropout=0),
+        loss_kwargs=dict(class_name='training.loss.EDMLoss'),
+        optimizer_kwargs=dict(class_name='torch.optim.Adam', lr=2e-3, betas=[0.9, 0.999], eps=1e-8),
+        data_loader_kwargs=dict(num_workers=0),
+        seed=1, batch_size=8, total_kimg=0.064, kimg_per_tick=0.016, snapshot_ticks=1, state_dump_ticks=2,
+        ema_halflife_kimg=0.02, lr_rampup_kimg=0.016,
+    )
+    opts.update(overrides)
+    return opts
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory) -> str:
+    return make_image_folder(tmp_path_factory.mktemp('data') / 'images')
+
+
+def _state(run_dir) -> dict:
+    return checkpoint.load_training_state(tl.find_latest_state(str(run_dir)))
+
+
+def _assert_states(a: dict, b: dict, exact: bool) -> None:
+    for key in ['net', 'ema']:
+        assert a[key].keys() == b[key].keys()
+        for name in a[key]:
+            if exact:
+                assert torch.equal(a[key][name], b[key][name]), f'{key}.{name}'
+            else:
+                torch.testing.assert_close(a[key][name], b[key][name], rtol=1e-4, atol=1e-5, msg=f'{key}.{name}')
+    assert a['cur_nimg'] == b['cur_nimg']
+
+#----------------------------------------------------------------------------
+
+def _eval_loss(net: torch.nn.Module, images: torch.Tensor) -> float:
+    """The EDM loss on fixed sigma and noise draws (several per image), so two networks compare fairly."""
+    loss_fn, total = EDMLoss(), 0.0
+    with torch.no_grad():
+        for rep in range(8):
+            rnd = rng.BatchRandom(rng.derive_seed(99, rep), len(images), 0, len(images))
+            total += loss_fn(net, images, rnd=rnd).mean().item()
+    return total / 8
+
+
+def test_loss_falls(tmp_path, data):
+    opts = tiny_options(data, batch_size=16, total_kimg=1.6, kimg_per_tick=0.4, snapshot_ticks=2, state_dump_ticks=2,
+                        ema_halflife_kimg=0.1, keep_last=1)
+    final = tl.training_loop(str(tmp_path / 'run'), **opts)
+    images = to_model_space(torch.stack([torch.from_numpy(x) for x, _ in open_dataset(data)]))
+    torch.manual_seed(opts['seed'])  # The loop builds its initial network from the same seed.
+    initial = checkpoint.load_network(final)
+    torch.manual_seed(opts['seed'])
+    initial = type(initial)(**initial.init_kwargs).eval()
+    assert _eval_loss(checkpoint.load_network(final), images) < 0.8 * _eval_loss(initial, images)
+    stats = [json.loads(line) for line in open(tmp_path / 'run' / 'stats.jsonl')]
+    assert stats[-1]['Progress/kimg']['mean'] == pytest.approx(1.6)
+    assert stats[-1]['Loss/loss']['mean'] < stats[0]['Loss/loss']['mean']
+    for name in ['training_options.json', 'log.txt']:
+        assert (tmp_path / 'run' / name).is_file()
+    assert 'sec/kimg' in (tmp_path / 'run' / 'log.txt').read_text()
+    # keep_last=1 leaves the final snapshot and state (kimg 1.6) and no older ones (kimg 0).
+    assert sorted(f for f in os.listdir(tmp_path / 'run') if f.endswith('.pt')) == ['network-snapshot-000001.pt', 'training-state-000001.pt']
+    assert final == str(tmp_path / 'run' / 'network-snapshot-000001.pt')
+
+#----------------------------------------------------------------------------
+# The same global batch gives the same weights however it is split.
+
+def main_from_options(path: str) -> None:
+    """Entry point for a torchrun process: training_loop with the JSON options at `path`."""
+    with open(path) as f:
+        opts = json.load(f)
+    tl.training_loop(opts.pop('run_dir'), **opts)
+
+
+def test_two_processes_match_one(tmp_path, data, torchrun):
+    opts = tiny_options(data, total_kimg=0.032)
+    with open(tmp_path / 'opts.json', 'w') as f:
+        json.dump(dict(opts, run_dir=str(tmp_path / 'two')), f)
+    torchrun(['--no-python', sys.executable, '-c', f'import tests.test_training_loop as t; t.main_from_options({str(tmp_path / "opts.json")!r})'])
+    tl.training_loop(str(tmp_path / 'one'), **opts)
+    two, one = _state(tmp_path / 'two'), _state(tmp_path / 'one')
+    assert two['rng']['world_size'] == 2
+    _assert_states(one, two, exact=False)
+
+
+def test_accumulation_matches_full_batch(tmp_path, data):
+    opts = tiny_options(data, total_kimg=0.032)
+    tl.training_loop(str(tmp_path / 'full'), **opts)
+    tl.training_loop(str(tmp_path / 'accum'), **dict(opts, batch_gpu=2))
+    _assert_states(_state(tmp_path / 'full'), _state(tmp_path / 'accum'), exact=False)
+    assert json.load(open(tmp_path / 'accum' / 'training_options.json'))['batch_gpu'] == 2
+
+#----------------------------------------------------------------------------
+# Exact resume.
+
+_KILLED_RUN = '''
+import json, os, signal, sys
+from training import checkpoint, training_loop
+opts = json.load(open(sys.argv[1]))
+save_network, calls = checkpoint.save_network, []
+def save_then_die(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 4:  # After the tick-2 state, before the tick-3 snapshot: the process dies mid-run.
+        os.kill(os.getpid(), signal.SIGKILL)
+    save_network(*args, **kwargs)
+checkpoint.save_network = save_then_die
+training_loop.training_loop(opts.pop('run_dir'), **opts)
+'''
+
+
+def test_resume_after_sigkill_is_bit_exact(tmp_path, data):
+    # Workers load the data here, so the resumed sampler is exercised through a real DataLoader.
+    opts = tiny_options(data, data_loader_kwargs=dict(num_workers=1))
+    opts['network_kwargs'] = dict(opts['network_kwargs'], dropout=0.1)  # Dropout draws from the restored global RNG.
+    ref = tl.training_loop(str(tmp_path / 'ref'), **opts)
+
+    killed = tmp_path / 'killed'
+    with open(tmp_path / 'opts.json', 'w') as f:
+        json.dump(dict(opts, run_dir=str(killed)), f)
+    env = {**os.environ, 'PYTHONPATH': ROOT, 'CUDA_VISIBLE_DEVICES': '', 'OMP_NUM_THREADS': str(torch.get_num_threads())}
+    res = subprocess.run([sys.executable, '-c', _KILLED_RUN, str(tmp_path / 'opts.json')], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]
+    partial = checkpoint.load_training_state(tl.find_latest_state(str(killed)))
+    assert 0 < partial['cur_nimg'] < 64
+
+    final = tl.training_loop(str(killed), **dict(opts, resume=str(killed)))
+    _assert_states(_state(tmp_path / 'ref'), _state(killed), exact=True)
+    a, b = _state(tmp_path / 'ref')['optimizer'], _state(killed)['optimizer']
+    for k in a['state']:
+        for name in ['exp_avg', 'exp_avg_sq']:
+            assert torch.equal(a['state'][k][name], b['state'][k][name])
+    assert os.path.basename(final) == os.path.basename(ref)
+    # The ticks the killed run logged after its last state are not repeated in stats.jsonl.
+    ticks = [json.loads(line)['Progress/tick']['mean'] for line in open(killed / 'stats.jsonl')]
+    assert ticks == [json.loads(line)['Progress/tick']['mean'] for line in open(tmp_path / 'ref' / 'stats.jsonl')]
+
+
+def test_resume_rejects_what_is_not_a_training_state(tmp_path, data):
+    final = tl.training_loop(str(tmp_path / 'run'), **tiny_options(data, total_kimg=0.008))
+    with pytest.raises(UserError):
+        tl.training_loop(str(tmp_path / 'again'), **tiny_options(data, resume=final))
+    (tmp_path / 'junk.pt').write_bytes(b'not a checkpoint')
+    with pytest.raises(UserError):
+        tl.training_loop(str(tmp_path / 'again'), **tiny_options(data, resume=str(tmp_path / 'junk.pt')))
+    (tmp_path / 'empty').mkdir()
+    with pytest.raises(UserError, match='no training-state'):
+        tl.training_loop(str(tmp_path / 'again'), **tiny_options(data, resume=str(tmp_path / 'empty')))
+
+#----------------------------------------------------------------------------
+# Transfer (SFBD's fine-tune start).
+
+def test_transfer_copies_weights_into_net_and_ema(tmp_path, data):
+    source_path = tl.training_loop(str(tmp_path / 'src'), **tiny_options(data, total_kimg=0.016))
+    source = checkpoint.load_network(source_path)
+    # One step at lr 0 (the warm-up restarts at zero) leaves net and EMA at the transferred weights.
+    for transfer in [source_path, source]:
+        final = tl.training_loop(str(tmp_path / 'ft'), **tiny_options(data, total_kimg=0.008, transfer=transfer, network_kwargs=None,
+                                                                     ema_rampup_ratio=None))
+        state = _state(tmp_path / 'ft')
+        assert state['cur_nimg'] == 8
+        for name, value in source.state_dict().items():
+            assert torch.equal(state['net'][name], value) and torch.equal(state['ema'][name], value), name
+        assert torch.equal(checkpoint.load_network(final).state_dict()[name], value)
+
+
+def test_transfer_rejects_other_resolution(tmp_path, data):
+    source_path = tl.training_loop(str(tmp_path / 'src'), **tiny_options(data, total_kimg=0.008))
+    big = make_image_folder(tmp_path / 'big', num=8, resolution=16)
+    with pytest.raises(UserError, match='16|8'):
+        tl.training_loop(str(tmp_path / 'ft'), **tiny_options(big, transfer=source_path))
+
+#----------------------------------------------------------------------------
+# Data order and the mix data set.
+
+def test_batch_order_is_keyed_by_step_not_by_split():
+    full = tl.BatchOrder(10, 0, 0, batch_size=4, batch_gpu=4, num_rounds=1, rank=0, seed=3)
+    it = iter(full)
+    batches = [next(it) for _ in range(10)]  # 40 images: 4 epochs of 10, each a permutation.
+    flat = np.array(batches).reshape(4, 10)
+    assert all(sorted(row) == list(range(10)) for row in flat)
+    assert not all((flat[0] == row).all() for row in flat[1:])
+    # Two ranks x two rounds of 1 give the same rows in the same order; a resumed sampler continues.
+    split = [iter(tl.BatchOrder(10, 0, 0, batch_size=4, batch_gpu=1, num_rounds=2, rank=r, seed=3)) for r in range(2)]
+    for b in batches[:3]:
+        assert [next(split[0])[0], next(split[0])[0], next(split[1])[0], next(split[1])[0]] == b
+    resumed = iter(tl.BatchOrder(10, 0, 0, batch_size=4, batch_gpu=4, num_rounds=1, rank=0, seed=3, start_step=6))
+    assert [next(resumed) for _ in range(4)] == batches[6:]
+
+
+def test_mix_fraction_takes_a_fixed_share_of_every_batch():
+    order = iter(tl.BatchOrder(10, 5, num_mix=3, batch_size=8, batch_gpu=8, num_rounds=1, rank=0, seed=0))
+    for _ in range(5):
+        batch = np.array(next(order))
+        assert (batch >= 10).sum() == 3 and ((batch >= 10) == [False] * 5 + [True] * 3).all()
+
+
+def test_mix_dataset_joins_the_batch_and_is_ignored_at_zero(tmp_path, data):
+    mix = str(tmp_path / 'mix')
+    with ArrayDatasetWriter(mix, 4, [3, 8, 8], np.uint8) as w:
+        w.write(0, np.zeros([4, 3, 8, 8], np.uint8))
+    opts = tiny_options(data, total_kimg=0.016)
+    tl.training_loop(str(tmp_path / 'plain'), **opts)
+    tl.training_loop(str(tmp_path / 'mixed'), **dict(opts, mix_dataset_kwargs=dict(path=mix), mix_fraction=0.25))
+    # Fraction 0 never opens the second data set, even one that does not exist.
+    tl.training_loop(str(tmp_path / 'zero'), **dict(opts, mix_dataset_kwargs=dict(path=str(tmp_path / 'missing')), mix_fraction=0))
+    plain, mixed, zero = (_state(tmp_path / name)['net'] for name in ['plain', 'mixed', 'zero'])
+    assert all(torch.equal(plain[k], zero[k]) for k in plain)
+    assert not all(torch.equal(plain[k], mixed[k]) for k in plain)
+    big = make_image_folder(tmp_path / 'big', num=4, resolution=16)
+    with pytest.raises(UserError, match='mix data set'):
+        tl.training_loop(str(tmp_path / 'bad'), **dict(opts, mix_dataset_kwargs=dict(path=big), mix_fraction=0.5))
+
+#----------------------------------------------------------------------------
+# Bad input.
+
+def test_batch_layout():
+    assert tl.batch_layout(512, None, 8) == (64, 1)
+    assert tl.batch_layout(512, 16, 8) == (16, 4)
+    assert tl.batch_layout(8, 100, 2) == (4, 1)
+    with pytest.raises(UserError, match='not divisible'):
+        tl.batch_layout(10, None, 4)
+    with pytest.raises(UserError, match='not divisible'):
+        tl.batch_layout(24, 5, 2)
+
+
+def test_unwritable_run_dir_is_one_clear_error(tmp_path, data):
+    (tmp_path / 'file').write_text('')
+    with pytest.raises(UserError, match='Cannot create output directory'):
+        tl.training_loop(str(tmp_path / 'file' / 'run'), **tiny_options(data))
+
+
+def test_keep_last_prunes_by_number_not_by_name(tmp_path):
+    for kimg in [1, 2, 999999, 1000000]:
+        (tmp_path / f'network-snapshot-{kimg:06d}.pt').write_bytes(b'')
+    (tmp_path / 'training-state-000001.pt').write_bytes(b'')
+    tl._prune(str(tmp_path), tl._SNAPSHOT_RE, keep=2)
+    assert sorted(os.listdir(tmp_path)) == ['network-snapshot-1000000.pt', 'network-snapshot-999999.pt', 'training-state-000001.pt']
+    assert tl.find_latest_state(str(tmp_path)).endswith('training-state-000001.pt')
