@@ -383,8 +383,9 @@ def import_noisy(source: str, dest: str, sigma: float, overwrite: bool = False) 
         array = np.load(source, mmap_mode='r', allow_pickle=False)
     except (OSError, ValueError, EOFError) as e:
         raise UserError(f'Cannot read {source} as a .npy array: {" ".join(str(e).split())}')
-    if array.ndim != 4 or array.dtype not in (np.float16, np.float32) or array.shape[0] == 0:
-        raise UserError(f'{source} must hold an N x C x H x W float16/float32 array, found {list(array.shape)} {array.dtype}')
+    if not isinstance(array, np.ndarray) or array.ndim != 4 or array.dtype not in (np.float16, np.float32) or array.shape[0] == 0:
+        found = f'{list(array.shape)} {array.dtype}' if isinstance(array, np.ndarray) else 'an .npz archive'
+        raise UserError(f'{source} must hold an N x C x H x W float16/float32 array, found {found}')
     meta = {'sigma': float(sigma), 'seed': None, 'source': os.path.abspath(source), 'originals': None,
             'source_indices': list(range(array.shape[0])), 'labels': None}
     return assemble_array_dataset(dest, [source], meta, overwrite=overwrite)

@@ -96,6 +96,8 @@ class ImageFiles:
             with self.open(name) as f:
                 img = PIL.Image.open(f)
                 img.load()
+        except PIL.UnidentifiedImageError:
+            raise UserError(f'Cannot read image {name} in {self.path}: not a PNG or JPEG file')
         except (OSError, SyntaxError, ValueError, EOFError, zipfile.BadZipFile, PIL.Image.DecompressionBombError) as e:
             raise UserError(f'Cannot read image {name} in {self.path}: {_one_line(e)}')
         return img.convert('L' if img.mode in _GREY_MODES else 'RGB')
