@@ -227,7 +227,7 @@ def staged_output(dest: str, is_dir: bool) -> Iterator[str]:
 
 
 def write_image_dataset(path: str, as_zip: bool, items: Iterable[tuple[str, PIL.Image.Image, Any]], total: int,
-                        metadata: dict | None = None, desc: str = 'Writing', verbose: bool = True) -> dict:
+                        metadata: dict | None = None, desc: str = 'Writing', verbose: bool = True) -> None:
     """Write (name, image, label) items as EDM-layout PNGs plus dataset.json; check sizes and channels agree."""
     progress = Progress(total, desc, enabled=verbose)
     labels, first = [], None
@@ -267,7 +267,6 @@ def write_image_dataset(path: str, as_zip: bool, items: Iterable[tuple[str, PIL.
             raise UserError('No images to write')
         info = {'labels': labels or None, **(metadata or {})}
         put('dataset.json', json.dumps(info, default=json_default).encode())
-    return info
 
 #----------------------------------------------------------------------------
 # The subcommands as library functions.
@@ -349,6 +348,8 @@ def corrupt_dataset(source: str, dest: str, sigma: float, seed: int, dtype: str 
     """Write source + sigma * N(0, I) once per image (noise keyed by (seed, row)) as a float array dataset."""
     if not (sigma > 0 and math.isfinite(sigma)):
         raise UserError(f'--sigma must be a positive number in [-1, 1] pixel units, got {sigma}')
+    if seed < 0:
+        raise UserError(f'--seed must be non-negative, got {seed}')
     if dtype not in ('float32', 'float16'):
         raise UserError(f'--dtype must be float32 or float16, got {dtype}')
     dest = check_dest(dest, [source], overwrite)
@@ -449,7 +450,10 @@ def main() -> None:
 @click.option('--overwrite',   help='Replace an existing destination', is_flag=True)
 def convert(source: str, dest: str, resolution: str | None, transform: str | None, max_images: int | None,
             overwrite: bool) -> None:
-    """Convert images to the EDM layout: PNGs 00000/img00000000.png plus dataset.json with labels."""
+    """Convert a source to the EDM layout.
+
+    Writes PNGs 00000/img00000000.png, ... plus dataset.json {"labels": [[name, label], ...] or null}.
+    """
     convert_dataset(source, dest, resolution=resolution, transform=transform, max_images=max_images, overwrite=overwrite)
     click.echo(f'Wrote {dest}')
 
@@ -463,7 +467,11 @@ def convert(source: str, dest: str, resolution: str | None, transform: str | Non
 @click.option('--dest-rest',   help='Output for the rest, to be corrupted (.zip or folder)', metavar='PATH', required=True)
 @click.option('--overwrite',   help='Replace existing destinations', is_flag=True)
 def split(source: str, clean: str, seed: int, dest_clean: str, dest_rest: str, overwrite: bool) -> None:
-    """Split a dataset into a seeded, disjoint clean set and rest; each records its source indices."""
+    """Split off a seeded random clean set.
+
+    The clean set and the rest are disjoint and together complete; each dataset.json records
+    "source" and "source_indices" (indices into the original data set, through earlier splits).
+    """
     clean_idx, rest_idx = split_dataset(source, clean, seed, dest_clean, dest_rest, overwrite=overwrite)
     click.echo(f'Wrote {len(clean_idx)} clean images to {dest_clean} and {len(rest_idx)} to {dest_rest}')
 
@@ -479,7 +487,11 @@ def split(source: str, clean: str, seed: int, dest_clean: str, dest_rest: str, o
               default='float32', show_default=True)
 @click.option('--overwrite',   help='Replace an existing destination', is_flag=True)
 def corrupt(source: str, sigma: float, seed: int, dest: str, dtype: str, overwrite: bool) -> None:
-    """Corrupt every image once: y = x + sigma * N(0, I), x in [-1, 1]; stored as floats with metadata."""
+    """Corrupt every image once with Gaussian noise.
+
+    y = x + sigma * N(0, I) with x in [-1, 1], stored as floats (images.npy) with dataset.json:
+    sigma, seed, source, source_indices, originals (the clean images, row for row), labels.
+    """
     corrupt_dataset(source, dest, sigma, seed, dtype=dtype, overwrite=overwrite)
     click.echo(f'Wrote {dest}')
 
@@ -490,7 +502,10 @@ def corrupt(source: str, sigma: float, seed: int, dest: str, dtype: str, overwri
 @click.option('--dest',        help='Output directory (images.npy + dataset.json)', metavar='DIR', required=True)
 @click.option('--overwrite',   help='Replace an existing destination', is_flag=True)
 def import_noisy_cmd(source: str, sigma: float, dest: str, overwrite: bool) -> None:
-    """Make a noisy dataset from your own noisy data (no originals: FID against clean data only)."""
+    """Bring your own noisy data (.npy).
+
+    Without originals, evaluation can only compare against clean reference statistics.
+    """
     import_noisy(source, dest, sigma, overwrite=overwrite)
     click.echo(f'Wrote {dest}')
 
@@ -498,7 +513,10 @@ def import_noisy_cmd(source: str, sigma: float, dest: str, overwrite: bool) -> N
 @main.command()
 @click.argument('path')
 def info(path: str) -> None:
-    """Show what a dataset holds: kind, count, resolution, channels, labels, sigma, provenance."""
+    """Show what a dataset holds.
+
+    Kind, count, resolution, channels, dtype, labels, sigma and provenance.
+    """
     for key, value in dataset_info(path).items():
         click.echo(f'{key + ":":12s}{value}')
 

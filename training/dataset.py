@@ -177,7 +177,7 @@ class Dataset(torch.utils.data.Dataset):
                 self._cached_images[raw_idx] = image
         if self._xflip[idx]:
             image = image[:, :, ::-1]
-        return np.ascontiguousarray(image), self._labels[raw_idx].copy()
+        return image.copy(), self._labels[raw_idx].copy()
 
     def get_label(self, idx: int) -> np.ndarray:
         return self._labels[int(self._raw_idx[idx])].copy()
@@ -287,7 +287,7 @@ class ImageFolderDataset(Dataset):
 class ArrayDataset(Dataset):
     """A directory with images.npy (N x C x H x W: uint8, float16 or float32 [-1, 1] units) and dataset.json."""
 
-    def __init__(self, path: str, cache: bool = False, **super_kwargs):
+    def __init__(self, path: str, resolution: int | None = None, cache: bool = False, **super_kwargs):
         self._path = os.fspath(path)
         self._in_memory = cache  # the whole array is read once; no per-item cache on top
         self._images_path = os.path.join(self._path, 'images.npy')
@@ -307,6 +307,8 @@ class ArrayDataset(Dataset):
             raise UserError(f'{self._images_path} must hold a non-empty N x C x H x W array of uint8, float16 or '
                             f'float32; found shape {list(images.shape)} {images.dtype}')
         _check_shape(self._path, images.shape[1:])
+        if resolution is not None and images.shape[2] != resolution:
+            raise UserError(f'{self._path} holds {images.shape[2]}x{images.shape[2]} images, expected {resolution}x{resolution}')
         name = os.path.basename(os.path.abspath(self._path))
         super().__init__(name=name, raw_shape=images.shape, metadata=metadata, **super_kwargs)
 
