@@ -1,12 +1,90 @@
-"""fid: not implemented yet (see README status table)."""
+"""Frechet Inception Distance, EDM-comparable: reference statistics, FID of image sets, FID of a network."""
 
 import click
+import numpy as np
 
+from generate import NETWORK_HELP, sampler_options
+from torch_utils import distributed
+from training import checkpoint, metrics
 
-@click.command(context_settings=dict(help_option_names=['-h', '--help']))
+DETECTOR_HELP = ("Feature detector: inception (EDM's Inception-v3 pickle, downloaded once; the default for published FIDs), "
+                 "dinov2 (FD_DINOv2, torch.hub), pixels (raw [-1,1] pixels: small-scale checks only, not an FID), "
+                 "or a detector .pkl/TorchScript PATH|URL (a .pkl runs code from the file: only load files you trust)")
+
+#----------------------------------------------------------------------------
+
+@click.group(context_settings=dict(help_option_names=['-h', '--help']))
 def main() -> None:
-    """Not implemented yet: this entry point lands with its issue (see README status table)."""
-    raise click.ClickException('fid.py is not implemented yet; see the README status table')
+    """FID as EDM computes it: Inception-v3 pool features of uint8 images, float64 statistics over all ranks.
+
+    \b
+    # Reference statistics of a dataset (all of its images)
+    python fid.py ref --data=datasets/cifar10-32x32.zip --dest=fid-refs/cifar10-32x32.npz
+    \b
+    # FID of 50,000 generated PNGs (generate.py --seeds=0-49999 --subdirs)
+    torchrun --standalone --nproc_per_node=8 fid.py calc --images=fid-tmp --ref=fid-refs/cifar10-32x32.npz
+    \b
+    # EDM's protocol: generate 3 x 50,000 images in memory, report each FID, the minimum and the mean
+    torchrun --standalone --nproc_per_node=8 fid.py gen --network=run/network-snapshot-200000.pt \\
+        --ref=https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz --repeats=3 --steps=18
+    """
+
+#----------------------------------------------------------------------------
+
+@main.command()
+@click.option('--data', 'data_path',  help='Dataset: folder or zip of PNGs, or an array dataset', metavar='PATH', type=str, required=True)
+@click.option('--dest',               help='Output .npz (mu, sigma, detector, feature_dim, num_images)', metavar='NPZ', type=str, required=True)
+@click.option('--detector',           help=DETECTOR_HELP, metavar='NAME|PATH', type=str, default='inception', show_default=True)
+@click.option('--batch', 'batch_size', help='Images per batch and process', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
+@click.option('--workers',            help='Data loading processes per rank', metavar='INT', type=click.IntRange(min=0), default=2, show_default=True)
+def ref(data_path: str, dest: str, detector: str, batch_size: int, workers: int) -> None:
+    """Reference statistics of every image in a dataset, for 'calc' and 'gen'."""
+    distributed.init()
+    distributed.print0(f'Computing {detector} statistics of {data_path} ...')
+    stats = metrics.make_ref(data_path, dest, detector=detector, batch_size=batch_size, device=distributed.device(),
+                             num_workers=workers)
+    distributed.print0(f'Saved statistics of {stats.num} images ({stats.feature_dim}-d features) to {dest}')
+    distributed.cleanup()
+
+
+@main.command()
+@click.option('--images', 'image_path', help='Images: folder or zip of PNGs, or an array dataset', metavar='PATH', type=str, required=True)
+@click.option('--ref', 'ref_path',      help='Reference statistics from fid.py ref, or EDM\'s published .npz', metavar='NPZ|URL', type=str, required=True)
+@click.option('--num',                  help='Images to use; fewer is an error, more are subsampled with --seed', metavar='INT', type=click.IntRange(min=2), default=50000, show_default=True)
+@click.option('--seed',                 help='Random seed for choosing --num of the images', metavar='INT', type=int, default=0, show_default=True)
+@click.option('--detector',             help=DETECTOR_HELP + '  [default: the reference file\'s, else inception]', metavar='NAME|PATH', type=str, default=None)
+@click.option('--batch', 'batch_size',  help='Images per batch and process', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
+@click.option('--workers',              help='Data loading processes per rank', metavar='INT', type=click.IntRange(min=0), default=2, show_default=True)
+def calc(image_path: str, ref_path: str, num: int, seed: int, detector: str | None, batch_size: int, workers: int) -> None:
+    """FID of a set of images against reference statistics; prints the FID as the last line."""
+    distributed.init()
+    distributed.print0(f'Computing the FID of {num} images from {image_path} against {ref_path} ...')
+    fid = metrics.calc_fid(image_path, ref_path, detector=detector, num=num, seed=seed, batch_size=batch_size,
+                           device=distributed.device(), num_workers=workers)
+    distributed.print0(f'{fid:g}')
+    distributed.cleanup()
+
+
+@main.command()
+@click.option('--network', 'network_path', help=NETWORK_HELP, metavar='PATH|URL', type=str, required=True)
+@click.option('--ref', 'ref_path',         help='Reference statistics from fid.py ref, or EDM\'s published .npz', metavar='NPZ|URL', type=str, required=True)
+@click.option('--num',                     help='Images per seed set', metavar='INT', type=click.IntRange(min=2), default=50000, show_default=True)
+@click.option('--repeats',                 help='Seed sets: set r uses seeds [seed + r*num, seed + (r+1)*num)', metavar='INT', type=click.IntRange(min=1), default=3, show_default=True)
+@click.option('--seed',                    help='First seed', metavar='INT', type=click.IntRange(min=0), default=0, show_default=True)
+@click.option('--class', 'class_idx',      help='Class label for every image  [default: random]', metavar='INT', type=click.IntRange(min=0), default=None)
+@click.option('--detector',                help=DETECTOR_HELP + '  [default: the reference file\'s, else inception]', metavar='NAME|PATH', type=str, default=None)
+@click.option('--batch', 'batch_size',     help='Images per batch and process (does not change the images)', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
+@sampler_options
+def gen(network_path: str, ref_path: str, num: int, repeats: int, seed: int, class_idx: int | None, detector: str | None,
+        batch_size: int, **sampler_kwargs) -> None:
+    """FID of a network over --repeats seed sets, generated in memory (no PNGs); EDM reports the minimum of 3."""
+    distributed.init()
+    device = distributed.device()
+    net = checkpoint.load_network(network_path, device=device)
+    fids = metrics.calc_network_fids(net, ref_path, num=num, repeats=repeats, seed=seed, detector=detector,
+                                     batch_size=batch_size, device=device, sampler_kwargs=sampler_kwargs, class_idx=class_idx)
+    distributed.print0(f'FID min {min(fids):g} mean {np.mean(fids):g} over {repeats} seed set(s) of {num} images')
+    distributed.cleanup()
 
 
 if __name__ == '__main__':

@@ -135,3 +135,31 @@ def test_images_do_not_depend_on_world_size(tmp_path, torchrun):
 
 if __name__ == '__main__':
     _worker(sys.argv[1])
+
+
+def tiny_snapshot(path: str, img_channels: int = 3) -> str:
+    from training import checkpoint, networks
+    torch.manual_seed(0)
+    net = networks.EDMPrecond(img_resolution=8, img_channels=img_channels, model_type='SongUNet', model_channels=8,
+                              channel_mult=[1, 1], num_blocks=1, attn_resolutions=[], dropout=0)
+    checkpoint.save_network(path, net)
+    return path
+
+
+def test_generate_cli(tmp_path):
+    from click.testing import CliRunner
+    import generate
+    from training import checkpoint
+    net_path = tiny_snapshot(str(tmp_path / 'net.pt'))
+    outdir = str(tmp_path / 'out')
+    result = CliRunner().invoke(generate.main, [f'--network={net_path}', f'--outdir={outdir}', '--seeds=0-4,1000',
+                                                '--subdirs', '--batch=4', '--steps=3', '--S_churn=1', '--zip', '--grid'])
+    assert result.exit_code == 0, result.output
+    assert sorted(os.listdir(outdir)) == ['000000', '001000'] and os.path.isfile(outdir + '.zip') and os.path.isfile(outdir + '-grid.png')
+    expected = generate_all(checkpoint.load_network(net_path), [0, 1, 2, 3, 4, 1000], batch_size=6,
+                            sampler_kwargs=dict(num_steps=3, S_churn=1))
+    png = np.asarray(PIL.Image.open(os.path.join(outdir, '000000', '000003.png')))
+    assert np.array_equal(png, expected[3].permute(1, 2, 0).numpy())
+    result = CliRunner().invoke(generate.main, [f'--network={tmp_path / "missing.pt"}', f'--outdir={outdir}'])
+    assert result.exit_code == 1 and result.output.strip().splitlines()[-1].startswith('Error:'), result.output
+    assert 'only load files you trust' in ' '.join(CliRunner().invoke(generate.main, ['--help']).output.split())

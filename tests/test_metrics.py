@@ -1,0 +1,230 @@
+"""Tests for training/metrics.py and fid.py: statistics, the Frechet distance, detectors, references, CLI errors."""
+
+import os
+import pickle
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from click.testing import CliRunner
+
+import fid
+from torch_utils import persistence
+from training import metrics
+
+
+class ChannelMomentsDetector:
+    """A picklable toy detector: per-channel mean and mean square of the pixels (feature_dim 2C)."""
+
+    def to(self, device):
+        return self
+
+    def __call__(self, images, return_features=False):
+        assert return_features and images.dtype == torch.uint8
+        x = images.to(torch.float32) / 255
+        return torch.cat([x.mean([2, 3]), x.square().mean([2, 3])], dim=1)
+
+
+PERSISTENT_SRC = '''
+import torch
+from torch_utils import persistence
+
+@persistence.persistent_class
+class ScaledMean(torch.nn.Module):
+    def forward(self, images, return_features=False):
+        return images.to(torch.float32).mean([2, 3]) * self.scale
+'''
+
+
+class PersistentPickle:
+    """Pickles like an object of EDM's persistent classes: embedded module source plus state."""
+
+    def __reduce__(self):
+        module = torch.nn.Module()
+        module.scale = torch.nn.Parameter(torch.tensor(2.0))
+        meta = dict(type='class', version=6, module_src=PERSISTENT_SRC, class_name='ScaledMean', state=dict(module.__dict__))
+        return persistence._reconstruct_persistent_obj, (meta,)
+
+
+def write_pngs(path, images: np.ndarray) -> None:
+    os.makedirs(path, exist_ok=True)
+    for i, img in enumerate(images):
+        PIL.Image.fromarray(img.transpose(1, 2, 0)).save(os.path.join(path, f'{i:06d}.png'))
+
+
+def random_images(n: int, seed: int, shape=(3, 4, 4)) -> np.ndarray:
+    return np.random.RandomState(seed).randint(0, 256, size=(n, *shape), dtype=np.uint8)
+
+
+def invoke(args):
+    result = CliRunner().invoke(fid.main, args)
+    return result, result.output.strip().splitlines()
+
+#----------------------------------------------------------------------------
+
+def test_feature_stats_match_numpy():
+    feats = np.random.RandomState(0).randn(301, 5) * [1, 2, 3, 4, 5] + 7
+    stats = metrics.FeatureStats(5)
+    for chunk in np.array_split(feats, 4):
+        stats.append(torch.from_numpy(chunk).to(torch.float32))
+    stats = stats.all_reduce()
+    mu, sigma = stats.mean_cov()
+    f32 = feats.astype(np.float32).astype(np.float64)
+    assert stats.num == 301
+    np.testing.assert_allclose(mu, f32.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(sigma, np.cov(f32, rowvar=False), rtol=1e-9, atol=1e-9)
+
+
+def test_frechet_distance_closed_form():
+    rng = np.random.RandomState(1)
+    a, b = rng.randn(6, 6), rng.randn(6, 6)
+    s1, s2 = a @ a.T + np.eye(6), b @ b.T + 0.5 * np.eye(6)
+    m1, m2 = rng.randn(6), rng.randn(6)
+    # Tr sqrtm(S1 S2) = sum of sqrt eigenvalues of S1^1/2 S2 S1^1/2, a symmetric route to the same value.
+    w, v = np.linalg.eigh(s1)
+    r1 = v @ np.diag(np.sqrt(w)) @ v.T
+    expected = np.square(m1 - m2).sum() + np.trace(s1 + s2) - 2 * np.sqrt(np.linalg.eigvalsh(r1 @ s2 @ r1)).sum()
+    assert metrics.frechet_distance(m1, s1, m2, s2) == pytest.approx(expected, rel=1e-10)
+    assert metrics.frechet_distance(m1, s1, m1, s1) == pytest.approx(0, abs=1e-9)
+    with pytest.raises(metrics.UserError):
+        metrics.frechet_distance(m1, s1, m2[:5], s2[:5, :5])
+
+
+def test_fid_between_gaussian_samples_matches_closed_form():
+    rng = np.random.RandomState(2)
+    m1, m2 = np.array([0, 0, 0, 0.]), np.array([1, 0, -0.5, 0.])
+    d1, d2 = np.array([1, 2, 0.5, 1]), np.array([2, 1, 0.5, 3])
+    expected = np.square(m1 - m2).sum() + (d1 + d2 - 2 * np.sqrt(d1 * d2)).sum()
+    fids = []
+    for m, d in [(m1, d1), (m2, d2)]:
+        stats = metrics.FeatureStats(4)
+        stats.append(torch.from_numpy(m + rng.randn(40000, 4) * np.sqrt(d)))
+        fids.append(stats.mean_cov())
+    value = metrics.frechet_distance(*fids[0], *fids[1])
+    assert value == pytest.approx(expected, abs=0.03)
+    assert abs(expected - 1.25) > 0.2  # the covariance term matters, not only the means
+
+
+def test_fid_of_a_set_against_itself_is_zero():
+    images = torch.from_numpy(random_images(400, 3))
+    det = metrics.load_detector('pixels', 'cpu', image_shape=[3, 4, 4])
+    assert det.feature_dim == 48
+    stats = metrics.compute_feature_stats(images.split(64), det)
+    mu, sigma = stats.mean_cov()
+    assert metrics.frechet_distance(mu, sigma, mu, sigma) == pytest.approx(0, abs=1e-8)
+    other = metrics.compute_feature_stats([torch.from_numpy(random_images(400, 4)) // 2], det)
+    assert metrics.frechet_distance(mu, sigma, *other.mean_cov()) > 1
+
+
+def test_unstable_square_root_warns():
+    rng = np.random.RandomState(5)
+    f1, f2 = rng.randn(3, 32), rng.randn(3, 32)  # 3 samples in 32 dimensions: singular covariances
+    with pytest.warns(RuntimeWarning, match='FID is numerically unreliable'):
+        metrics.frechet_distance(f1.mean(0), np.cov(f1, rowvar=False), f2.mean(0), np.cov(f2, rowvar=False))
+
+#----------------------------------------------------------------------------
+# Detectors.
+
+def test_detector_pickles_written_here_are_loaded_and_used(tmp_path):
+    images = torch.from_numpy(random_images(5, 6))
+    path = tmp_path / 'moments.pkl'
+    path.write_bytes(pickle.dumps(ChannelMomentsDetector()))
+    det = metrics.load_detector(str(path), 'cpu')
+    assert det.name == 'moments.pkl' and det.feature_dim == 6
+    torch.testing.assert_close(det(images), ChannelMomentsDetector()(images, return_features=True))
+    # EDM's persistent-class format: the embedded source runs and the state is restored.
+    path = tmp_path / 'persistent.pkl'
+    path.write_bytes(pickle.dumps(PersistentPickle()))
+    det = metrics.load_detector(str(path), 'cpu', image_shape=[3, 4, 4])
+    assert det.feature_dim == 3
+    torch.testing.assert_close(det(images), images.to(torch.float32).mean([2, 3]) * 2)
+    grey = images[:, :1]
+    torch.testing.assert_close(det(grey), grey.to(torch.float32).mean([2, 3]).repeat(1, 3) * 2)
+
+
+def test_pixels_detector_features():
+    images = torch.tensor([[[[0, 255]]]], dtype=torch.uint8)
+    det = metrics.load_detector('pixels', 'cpu', image_shape=[1, 1, 2])
+    assert det(images).tolist() == [[-1.0, 1.0]]
+
+#----------------------------------------------------------------------------
+# fid.py.
+
+def test_ref_and_calc_cli(tmp_path):
+    write_pngs(tmp_path / 'a', random_images(60, 7))
+    write_pngs(tmp_path / 'b', random_images(60, 8) // 2)
+    ref = str(tmp_path / 'ref.npz')
+    result, lines = invoke(['ref', f'--data={tmp_path / "a"}', f'--dest={ref}', '--detector=pixels', '--workers=0'])
+    assert result.exit_code == 0, result.output
+    data = np.load(ref)
+    assert str(data['detector']) == 'pixels' and int(data['feature_dim']) == 48 and int(data['num_images']) == 60
+    result, lines = invoke(['calc', f'--images={tmp_path / "a"}', f'--ref={ref}', '--num=60', '--workers=0'])
+    assert result.exit_code == 0, result.output
+    assert abs(float(lines[-1])) < 1e-6  # detector taken from the reference file
+    result, lines = invoke(['calc', f'--images={tmp_path / "b"}', f'--ref={ref}', '--num=50', '--workers=0'])
+    assert result.exit_code == 0 and float(lines[-1]) > 1
+    # A detector pickle by path, end to end.
+    det = tmp_path / 'moments.pkl'
+    det.write_bytes(pickle.dumps(ChannelMomentsDetector()))
+    result, _ = invoke(['ref', f'--data={tmp_path / "a"}', f'--dest={tmp_path / "m.npz"}', f'--detector={det}', '--workers=0'])
+    assert result.exit_code == 0, result.output
+    assert np.load(tmp_path / 'm.npz')['mu'].shape == (6,)
+
+
+def assert_one_line_error(result, lines, match):
+    assert result.exit_code == 1, result.output
+    assert lines[-1].startswith('Error:') and match in lines[-1], result.output
+    assert 'Traceback' not in result.output
+
+
+def test_cli_bad_input(tmp_path):
+    write_pngs(tmp_path / 'a', random_images(10, 9))
+    ref = str(tmp_path / 'ref.npz')
+    assert invoke(['ref', f'--data={tmp_path / "a"}', f'--dest={ref}', '--detector=pixels', '--workers=0'])[0].exit_code == 0
+    assert_one_line_error(*invoke(['calc', f'--images={tmp_path / "missing"}', f'--ref={ref}']), 'No such file')
+    assert_one_line_error(*invoke(['calc', f'--images={tmp_path / "a"}', f'--ref={ref}', '--num=11']), 'fewer than the 11')
+    bad = str(tmp_path / 'bad.npz')
+    np.savez(bad, mu=np.zeros(3), sigma=np.eye(4))
+    assert_one_line_error(*invoke(['calc', f'--images={tmp_path / "a"}', f'--ref={bad}', '--num=10', '--detector=pixels']), 'expected [D] and [D, D]')
+    wrong_dim = str(tmp_path / 'wrong_dim.npz')
+    np.savez(wrong_dim, mu=np.zeros(3), sigma=np.eye(3))
+    assert_one_line_error(*invoke(['calc', f'--images={tmp_path / "a"}', f'--ref={wrong_dim}', '--num=10', '--detector=pixels']), '3-d statistics')
+    assert_one_line_error(*invoke(['calc', f'--images={tmp_path / "a"}', f'--ref={ref}', '--num=10', '--detector=dinov2x']), 'No detector')
+    corrupt = tmp_path / 'corrupt.pkl'
+    corrupt.write_bytes(pickle.dumps(ChannelMomentsDetector())[:-9])
+    assert_one_line_error(*invoke(['ref', f'--data={tmp_path / "a"}', f'--dest={ref}', f'--detector={corrupt}']), 'Cannot load detector')
+    not_ref = tmp_path / 'not_ref.npz'
+    not_ref.write_bytes(b'garbage')
+    assert_one_line_error(*invoke(['calc', f'--images={tmp_path / "a"}', f'--ref={not_ref}', '--num=10']), 'Cannot read reference')
+
+#----------------------------------------------------------------------------
+
+def test_statistics_do_not_depend_on_world_size(tmp_path, torchrun):
+    write_pngs(tmp_path / 'a', random_images(37, 10))
+    torchrun(['fid.py', 'ref', f'--data={tmp_path / "a"}', f'--dest={tmp_path / "two.npz"}', '--detector=pixels',
+              '--batch=4', '--workers=0'])
+    result, _ = invoke(['ref', f'--data={tmp_path / "a"}', f'--dest={tmp_path / "one.npz"}', '--detector=pixels', '--batch=16', '--workers=0'])
+    assert result.exit_code == 0, result.output
+    one, two = np.load(tmp_path / 'one.npz'), np.load(tmp_path / 'two.npz')
+    assert int(two['num_images']) == 37
+    np.testing.assert_allclose(two['mu'], one['mu'], rtol=1e-13)
+    np.testing.assert_allclose(two['sigma'], one['sigma'], rtol=1e-10, atol=1e-13)
+
+
+def test_fid_gen_cli_min_and_mean(tmp_path):
+    import generate
+    from tests.test_generation import tiny_snapshot
+    net = tiny_snapshot(str(tmp_path / 'net.pt'), img_channels=1)
+    images = str(tmp_path / 'images')
+    assert CliRunner().invoke(generate.main, [f'--network={net}', f'--outdir={images}', '--seeds=0-79', '--steps=4']).exit_code == 0
+    ref = str(tmp_path / 'ref.npz')
+    assert invoke(['ref', f'--data={images}', f'--dest={ref}', '--detector=pixels', '--workers=0'])[0].exit_code == 0
+    result, lines = invoke(['gen', f'--network={net}', f'--ref={ref}', '--num=80', '--repeats=2', '--steps=4'])
+    assert result.exit_code == 0, result.output
+    fids = [float(line.split('FID ')[1]) for line in lines if line.startswith('seeds ')]
+    assert fids[0] == pytest.approx(0, abs=1e-6) and fids[1] > 1e-3  # set 0 is the reference's own seeds 0-79
+    words = lines[-1].split()
+    assert words[:2] == ['FID', 'min'] and float(words[2]) == min(fids) and words[3] == 'mean'
+    assert float(words[4]) == pytest.approx(np.mean(fids), rel=1e-4)
+    assert 'only load files you trust' in ' '.join(invoke(['gen', '--help'])[0].output.split())
