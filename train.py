@@ -53,6 +53,45 @@ def _next_run_dir(outdir: str, desc: str) -> str:
            if os.path.isdir(os.path.join(outdir, f)) and (m := re.match(r'^\d+', f))]
     return os.path.join(outdir, f'{max(ids, default=-1) + 1:05d}-{desc}')
 
+# main()'s options that describe the network and how to train it; sfbd.py offers the same ones.
+MODEL_OPTIONS = ('arch', 'precond', 'batch', 'batch_gpu', 'cbase', 'cres', 'blocks', 'attn', 'lr', 'lr_rampup', 'ema',
+                 'dropout', 'augment', 'precision', 'fp16', 'ls', 'bench', 'workers', 'tick', 'snap', 'dump', 'keep')
+
+
+def resolve_precision(precision: str, fp16: bool) -> str:
+    """--precision, with EDM's --fp16=True as an alias for fp16."""
+    if not fp16:
+        return precision
+    if precision not in ('fp32', 'fp16'):
+        raise UserError(f'--fp16 contradicts --precision={precision}')
+    return 'fp16'
+
+
+def model_training_kwargs(opts: dict) -> dict:
+    """training_loop arguments from the MODEL_OPTIONS values: network, loss, optimizer, augmentation, batch,
+    EMA, lr warm-up, precision and bookkeeping (no data set, duration, seed or starting weights)."""
+    opts = dnnlib.EasyDict(opts)
+    precision = resolve_precision(opts.precision, opts.fp16)
+    c = dnnlib.EasyDict()
+    c.data_loader_kwargs = dict(num_workers=opts.workers, prefetch_factor=2)
+    network_class, loss_class = PRECONDS[opts.precond]
+    c.network_kwargs = dict(class_name=network_class, **ARCHS[opts.arch])
+    for key, value in [('model_channels', opts.cbase), ('channel_mult', opts.cres), ('num_blocks', opts.blocks),
+                       ('attn_resolutions', opts.attn)]:
+        if value is not None:
+            c.network_kwargs[key] = value
+    c.network_kwargs.update(dropout=opts.dropout, use_fp16=(precision == 'fp16'))
+    c.loss_kwargs = dict(class_name=loss_class)
+    c.optimizer_kwargs = dict(class_name='torch.optim.Adam', lr=opts.lr, betas=[0.9, 0.999], eps=1e-8)
+    if opts.augment > 0:
+        c.augment_kwargs = dict(class_name='training.augment.AugmentPipe', p=opts.augment, xflip=1e8, yflip=1, scale=1,
+                                rotate_frac=1, aniso=1, translate_frac=1)
+        c.network_kwargs['augment_dim'] = 9
+    c.update(batch_size=opts.batch, batch_gpu=opts.batch_gpu, ema_halflife_kimg=opts.ema * 1000,
+             lr_rampup_kimg=opts.lr_rampup, loss_scaling=opts.ls, precision=precision, cudnn_benchmark=opts.bench,
+             kimg_per_tick=opts.tick, snapshot_ticks=opts.snap, state_dump_ticks=opts.dump, keep_last=opts.keep)
+    return c
+
 #----------------------------------------------------------------------------
 
 @click.command(context_settings=dict(help_option_names=['-h', '--help'], show_default=True))
@@ -98,7 +137,7 @@ def _next_run_dir(outdir: str, desc: str) -> str:
 @click.option('--dump',         help='Training state every this many ticks', metavar='TICKS',               type=click.IntRange(min=1), default=500)
 @click.option('--keep',         help='Keep only the newest N snapshots and N states  [default: all]', metavar='N', type=click.IntRange(min=1))
 @click.option('--seed',         help='Random seed  [default: random]', metavar='INT',                       type=click.IntRange(min=0))
-@click.option('--transfer',     help='Start from this network (fresh Adam, lr warm-up restarted); .pkl files run code: trusted files only', metavar='PT|PKL|URL', type=str)
+@click.option('--transfer',     help='Start from this network: snapshot, training state or EDM .pkl (pickles: trusted files only); fresh Adam, lr warm-up restarted, no EMA ramp-up', metavar='PT|PKL|URL', type=str)
 @click.option('--resume',       help='Continue exactly from a training-state-*.pt, or the newest one in a run directory', metavar='PT|DIR', type=str)
 @click.option('-n', '--dry-run', help='Print the training options and exit; writes nothing',               is_flag=True)
 
@@ -123,10 +162,7 @@ def main(**kwargs) -> None:
     """
     opts = dnnlib.EasyDict(kwargs)
     distributed.init()
-    if opts.fp16:
-        if opts.precision not in ('fp32', 'fp16'):
-            raise UserError(f'--fp16 contradicts --precision={opts.precision}')
-        opts.precision = 'fp16'
+    opts.precision = resolve_precision(opts.precision, opts.fp16)
     if opts.transfer is not None and opts.resume is not None:
         raise UserError('--transfer and --resume cannot be used together: a training state already holds its weights')
     if opts.mix_fraction > 0 and opts.mix_data is None:
@@ -142,26 +178,7 @@ def main(**kwargs) -> None:
     if opts.mix_data is not None:
         c.mix_dataset_kwargs = {**c.dataset_kwargs, 'path': opts.mix_data}
         c.mix_fraction = opts.mix_fraction
-    c.data_loader_kwargs = dict(num_workers=opts.workers, prefetch_factor=2)
-
-    network_class, loss_class = PRECONDS[opts.precond]
-    c.network_kwargs = dict(class_name=network_class, **ARCHS[opts.arch])
-    for key, value in [('model_channels', opts.cbase), ('channel_mult', opts.cres), ('num_blocks', opts.blocks),
-                       ('attn_resolutions', opts.attn)]:
-        if value is not None:
-            c.network_kwargs[key] = value
-    c.network_kwargs.update(dropout=opts.dropout, use_fp16=(opts.precision == 'fp16'))
-    c.loss_kwargs = dict(class_name=loss_class)
-    c.optimizer_kwargs = dict(class_name='torch.optim.Adam', lr=opts.lr, betas=[0.9, 0.999], eps=1e-8)
-    if opts.augment > 0:
-        c.augment_kwargs = dict(class_name='training.augment.AugmentPipe', p=opts.augment, xflip=1e8, yflip=1, scale=1,
-                                rotate_frac=1, aniso=1, translate_frac=1)
-        c.network_kwargs['augment_dim'] = 9
-
-    c.update(batch_size=opts.batch, batch_gpu=opts.batch_gpu, total_kimg=opts.duration * 1000,
-             ema_halflife_kimg=opts.ema * 1000, lr_rampup_kimg=opts.lr_rampup, loss_scaling=opts.ls,
-             precision=opts.precision, cudnn_benchmark=opts.bench, kimg_per_tick=opts.tick, snapshot_ticks=opts.snap,
-             state_dump_ticks=opts.dump, keep_last=opts.keep)
+    c.update(model_training_kwargs(opts), total_kimg=opts.duration * 1000)
     # A random seed must be the same on every rank.
     c.seed = opts.seed if opts.seed is not None else distributed.broadcast_object(int.from_bytes(os.urandom(4), 'little') >> 1)
     if opts.transfer is not None:
