@@ -13,7 +13,7 @@ import torch
 
 from dnnlib.util import UserError
 from tests.conftest import ROOT
-from torch_utils import rng
+from torch_utils import perf, rng
 from training import checkpoint, training_loop as tl
 from training.dataset import ArrayDatasetWriter, open_dataset, to_model_space
 from training.loss import EDMLoss
@@ -128,6 +128,24 @@ def test_accumulation_matches_full_batch(tmp_path, data):
     tl.training_loop(str(tmp_path / 'accum'), **dict(opts, batch_gpu=2))
     _assert_states(_state(tmp_path / 'full'), _state(tmp_path / 'accum'), exact=False)
     assert json.load(open(tmp_path / 'accum' / 'training_options.json'))['batch_gpu'] == 2
+
+def test_bf16_autocast_gives_a_close_loss(tmp_path, data, monkeypatch):
+    monkeypatch.setattr(perf, 'device_has_bf16', lambda device: True)  # Autocast even where bf16 is emulated.
+    opts = tiny_options(data, total_kimg=0.016)
+    for precision in ['fp32', 'bf16']:
+        tl.training_loop(str(tmp_path / precision), **dict(opts, precision=precision))
+    # Tick 0 is the first step: same weights, sigma and noise, so the losses differ only by rounding.
+    loss = {p: json.loads(open(tmp_path / p / 'stats.jsonl').readline())['Loss/loss']['mean'] for p in ['fp32', 'bf16']}
+    assert loss['bf16'] != loss['fp32']
+    assert loss['bf16'] == pytest.approx(loss['fp32'], rel=0.02)
+
+
+def test_options_file_repeats_the_run(tmp_path, data):
+    tl.training_loop(str(tmp_path / 'a'), **tiny_options(data, total_kimg=0.016))
+    opts = json.load(open(tmp_path / 'a' / 'training_options.json'))
+    del opts['run_dir']
+    tl.training_loop(str(tmp_path / 'b'), **opts)
+    _assert_states(_state(tmp_path / 'a'), _state(tmp_path / 'b'), exact=True)
 
 #----------------------------------------------------------------------------
 # Exact resume.

@@ -324,8 +324,9 @@ def training_loop(
                    precision=precision, kimg_per_tick=kimg_per_tick, snapshot_ticks=snapshot_ticks,
                    state_dump_ticks=state_dump_ticks, keep_last=keep_last,
                    transfer=transfer if not isinstance(transfer, torch.nn.Module) else f'<{type(transfer).__name__} object>',
-                   resume=resume_path, world_size=world_size)
-    options = json.loads(json.dumps(options, default=json_default))  # Plain JSON types: the state must load weights_only.
+                   resume=resume_path, cudnn_benchmark=cudnn_benchmark)
+    # Plain JSON types (the state must load with weights_only); training_loop(**options) repeats the run.
+    options = json.loads(json.dumps(options, default=json_default))
     with _captured_output(rank == 0) as log:
         return _train(run_dir, options, log, resume_path, transfer, device, batch_gpu, num_rounds, batch_gpu_total,
                       start_time, cudnn_benchmark)
@@ -375,11 +376,11 @@ def _train(run_dir: str, o: dict, log: _Log | None, resume_path: str | None, tra
         net_kwargs.update(img_resolution=dataset.resolution, img_channels=dataset.num_channels, label_dim=dataset.label_dim)
         if o['precision'] == 'fp16':
             net_kwargs['use_fp16'] = True
+        net = dnnlib.util.construct_class_by_name(**net_kwargs)
     elif state is not None:
-        net_kwargs = dict(class_name=state['class_name'], **state['init_kwargs'])
+        net = checkpoint.build_network(state['class_name'], state['init_kwargs'])
     else:
-        net_kwargs = dict(class_name=checkpoint.network_class_name(source), **source.init_kwargs)
-    net = dnnlib.util.construct_class_by_name(**net_kwargs)
+        net = checkpoint.build_network(checkpoint.network_class_name(source), source.init_kwargs)
     checkpoint.check_network_matches(net, dataset.resolution, dataset.num_channels)
     net.train().requires_grad_(True).to(device)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
