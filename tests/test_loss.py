@@ -1,0 +1,95 @@
+"""Tests for training/loss.py: sigma distributions, weighting and noise per SPEC, and rank-independent draws."""
+
+import numpy as np
+import pytest
+import torch
+
+from torch_utils.rng import BatchRandom
+from training import augment, loss
+
+#----------------------------------------------------------------------------
+
+class ZeroNet(torch.nn.Module):
+    """D(x; sigma) = 0, recording its inputs: the loss is then weight * y^2."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, x, sigma, class_labels=None, augment_labels=None):
+        self.calls.append((x, sigma, class_labels, augment_labels))
+        return torch.zeros_like(x)
+
+
+class HalfNet(torch.nn.Module):
+    def forward(self, x, sigma, class_labels=None, augment_labels=None):
+        return 0.5 * x / (1 + sigma ** 2)
+
+
+def _vp_sigma(t, beta_d=19.9, beta_min=0.1):
+    return np.sqrt(np.exp(0.5 * beta_d * t ** 2 + beta_min * t) - 1)
+
+#----------------------------------------------------------------------------
+
+def test_edm_loss_weight_and_noise_follow_spec():
+    images = torch.randn(6, 3, 8, 8)
+    labels = torch.eye(6)
+    net = ZeroNet()
+    out = loss.EDMLoss()(net, images, labels, rnd=BatchRandom(7, 6, 0, 6))
+    x, sigma, got_labels, augment_labels = net.calls[-1]
+    assert out.shape == images.shape and got_labels is labels and augment_labels is None
+
+    # The same BatchRandom stream: ln(sigma) ~ N(-1.2, 1.2^2) first, then the noise.
+    rnd = BatchRandom(7, 6, 0, 6)
+    expected_sigma = (rnd.randn(1, 1, 1) * 1.2 - 1.2).exp()
+    expected_noise = rnd.randn(3, 8, 8) * expected_sigma
+    torch.testing.assert_close(sigma, expected_sigma)
+    torch.testing.assert_close(x, images + expected_noise)
+    weight = (sigma ** 2 + 0.25) / (sigma * 0.5) ** 2
+    torch.testing.assert_close(out, weight * images ** 2)
+
+
+def test_vp_and_ve_weighting_and_sigma_ranges():
+    images = torch.randn(5, 1, 4, 4)
+    for loss_fn in (loss.VPLoss(), loss.VELoss()):
+        net = ZeroNet()
+        out = loss_fn(net, images, rnd=BatchRandom(3, 5, 0, 5))
+        sigma = net.calls[-1][1]
+        torch.testing.assert_close(out, images ** 2 / sigma ** 2)
+        u = BatchRandom(3, 5, 0, 5).rand(1, 1, 1).double().numpy()
+        if isinstance(loss_fn, loss.VPLoss):
+            expected = _vp_sigma(1 + u * (1e-5 - 1))   # t ~ U(eps_t, 1)
+        else:
+            expected = 0.02 * (100 / 0.02) ** u         # log-uniform on [0.02, 100]
+        np.testing.assert_allclose(sigma.numpy(), expected, rtol=1e-5)
+
+
+def test_global_rng_sigma_distribution():
+    images = torch.zeros(20000, 1, 1, 1)
+    torch.manual_seed(0)
+    net = ZeroNet()
+    loss.EDMLoss(P_mean=-1.2, P_std=1.2)(net, images)
+    log_sigma = net.calls[-1][1].log()
+    assert log_sigma.mean().item() == pytest.approx(-1.2, abs=0.05)
+    assert log_sigma.std().item() == pytest.approx(1.2, abs=0.05)
+    loss.VELoss()(net, images)
+    sigma = net.calls[-1][1]
+    assert 0.02 <= sigma.min() and sigma.max() <= 100 and sigma.log().std() > 2
+
+
+@pytest.mark.parametrize('loss_cls', [loss.EDMLoss, loss.VPLoss, loss.VELoss])
+def test_draws_do_not_depend_on_the_split_of_the_batch(loss_cls):
+    images = torch.randn(6, 3, 8, 8)
+    pipe = augment.AugmentPipe(p=0.5, xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1)
+    whole = loss_cls()(HalfNet(), images, augment_pipe=pipe, rnd=BatchRandom(11, 6, 0, 6))
+    parts = [loss_cls()(HalfNet(), images[a:b], augment_pipe=pipe, rnd=BatchRandom(11, 6, a, b)) for a, b in [(0, 2), (2, 6)]]
+    torch.testing.assert_close(torch.cat(parts), whole, rtol=1e-6, atol=1e-6)
+
+
+def test_augment_pipe_labels_reach_the_network():
+    net = ZeroNet()
+    pipe = augment.AugmentPipe(p=1, xflip=1e8, scale=1)
+    loss.EDMLoss()(net, torch.randn(4, 3, 8, 8), augment_pipe=pipe)
+    assert net.calls[-1][3].shape == (4, 2)
+
+#----------------------------------------------------------------------------
