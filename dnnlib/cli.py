@@ -34,20 +34,24 @@ def load_preset(name_or_path: str) -> dict[str, Any]:
     return {k.replace('-', '_'): v for k, v in data.items() if not k.startswith('_')}
 
 
-def config_option(section: str | None = None) -> Callable:
+def config_option(section: str | None = None, inherit: str | None = None) -> Callable:
     """A click option `--config=NAME|FILE` whose values become the command's defaults.
 
     With `section`, the preset's keys under that name (e.g. "train") are used in addition to its
-    top-level keys. Unknown keys are an error, so a typo in a preset never passes silently.
+    top-level keys. Unknown keys are an error, so a typo in a preset never passes silently. With
+    `inherit`, the keys of that other section which this command also has come first (sfbd.py takes
+    the network settings of a preset's "train" section; its own "sfbd" section overrides them).
     """
     def callback(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
         if value is None:
             return value
         preset = load_preset(value)
         sub = preset.pop(section, {}) if section else {}
-        preset = {k: v for k, v in preset.items() if not isinstance(v, dict)}
-        preset.update({k.replace('-', '_'): v for k, v in sub.items()})
+        inherited = preset.pop(inherit, {}) if inherit else {}
         known = {p.name for p in ctx.command.params}
+        preset = {k: v for k, v in preset.items() if not isinstance(v, dict)}
+        preset.update({k.replace('-', '_'): v for k, v in inherited.items() if k.replace('-', '_') in known})
+        preset.update({k.replace('-', '_'): v for k, v in sub.items()})
         unknown = sorted(set(preset) - known)
         if unknown:
             raise UserError(f'Preset {value!r} sets unknown option(s) for this command: {", ".join(unknown)}')

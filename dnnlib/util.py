@@ -238,3 +238,40 @@ class Progress:
         eta = elapsed / self.done * (self.total - self.done) if self.done else float('nan')
         eta_s = format_time(eta) if eta == eta else '?'
         return f'{self.desc}: {self.done}/{self.total} ({pct:.0f}%) elapsed {format_time(elapsed)}, ETA {eta_s}'
+
+#----------------------------------------------------------------------------
+# Logging to a file as well as the terminal.
+
+class _Tee:
+    """A text stream that also appends everything written to it into an open log file."""
+
+    def __init__(self, stream: Any, log: Any):
+        self.stream, self.log = stream, log
+
+    def write(self, text: str) -> int:
+        self.stream.write(text)
+        self.log.write(text)
+        self.log.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+        self.log.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
+@contextlib.contextmanager
+def tee_output(path: str | None) -> Iterator[None]:
+    """Inside the block, stdout and stderr are also appended to the file `path`; a no-op for None."""
+    if path is None:
+        yield
+        return
+    with open(path, 'a') as log:
+        saved = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = _Tee(sys.stdout, log), _Tee(sys.stderr, log)
+        try:
+            yield
+        finally:
+            sys.stdout, sys.stderr = saved
