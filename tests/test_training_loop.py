@@ -86,11 +86,10 @@ def test_loss_falls(tmp_path, data):
                         ema_halflife_kimg=0.1, keep_last=1)
     final = tl.training_loop(str(tmp_path / 'run'), **opts)
     images = to_model_space(torch.stack([torch.from_numpy(x) for x, _ in open_dataset(data)]))
+    trained = checkpoint.load_network(final)
     torch.manual_seed(opts['seed'])  # The loop builds its initial network from the same seed.
-    initial = checkpoint.load_network(final)
-    torch.manual_seed(opts['seed'])
-    initial = type(initial)(**initial.init_kwargs).eval()
-    assert _eval_loss(checkpoint.load_network(final), images) < 0.8 * _eval_loss(initial, images)
+    initial = type(trained)(**trained.init_kwargs).eval()
+    assert _eval_loss(trained, images) < 0.8 * _eval_loss(initial, images)
     stats = [json.loads(line) for line in open(tmp_path / 'run' / 'stats.jsonl')]
     assert stats[-1]['Progress/kimg']['mean'] == pytest.approx(1.6)
     assert stats[-1]['Loss/loss']['mean'] < stats[0]['Loss/loss']['mean']
@@ -100,6 +99,19 @@ def test_loss_falls(tmp_path, data):
     # keep_last=1 leaves the final snapshot and state (kimg 1.6) and no older ones (kimg 0).
     assert sorted(f for f in os.listdir(tmp_path / 'run') if f.endswith('.pt')) == ['network-snapshot-000001.pt', 'training-state-000001.pt']
     assert final == str(tmp_path / 'run' / 'network-snapshot-000001.pt')
+
+def test_ema_rampup(tmp_path, data):
+    # Step 0 runs at lr 0 with half-life 0 (EMA = net = init); step 1's half-life is ratio * 8 images,
+    # so beta = 0.5 ** (8 / (0.5 * 8)) = 0.25 and ema = net + 0.25 * (init - net).
+    opts = tiny_options(data, total_kimg=0.016, ema_rampup_ratio=0.5)
+    tl.training_loop(str(tmp_path / 'run'), **opts)
+    state = _state(tmp_path / 'run')
+    torch.manual_seed(opts['seed'])
+    init = checkpoint.build_network(state['class_name'], state['init_kwargs']).state_dict()
+    assert not torch.equal(state['net']['model.dec.8x8_aux_conv.weight'], init['model.dec.8x8_aux_conv.weight'])
+    for name, net in state['net'].items():
+        torch.testing.assert_close(state['ema'][name], net + 0.25 * (init[name] - net), msg=name)
+
 
 #----------------------------------------------------------------------------
 # The same global batch gives the same weights however it is split.
@@ -181,7 +193,7 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path, data):
     partial = checkpoint.load_training_state(tl.find_latest_state(str(killed)))
     assert 0 < partial['cur_nimg'] < 64
 
-    final = tl.training_loop(str(killed), **dict(opts, resume=str(killed)))
+    final = tl.training_loop(str(killed), **dict(opts, resume=str(killed), seed=opts['seed'] + 1))  # The state's seed wins.
     _assert_states(_state(tmp_path / 'ref'), _state(killed), exact=True)
     a, b = _state(tmp_path / 'ref')['optimizer'], _state(killed)['optimizer']
     for k in a['state']:

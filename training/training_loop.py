@@ -357,6 +357,10 @@ def _train(run_dir: str, o: dict, log: _Log | None, resume_path: str | None, tra
     if resume_path is not None:
         distributed.print0(f'Loading training state from "{resume_path}"...')
         state = checkpoint.load_training_state(resume_path)
+        if (state.get('options') or {}).get('seed', seed) != seed:
+            # The seed keys the data order and the noise: only the state's own continues the run exactly.
+            distributed.print0(f'Resuming with the state\'s seed {state["options"]["seed"]}, not {seed}')
+            seed = o['seed'] = state['options']['seed']
         if transfer is not None:
             distributed.print0('Resuming: the state continues the transferred run, so its weights are used, not --transfer\'s')
             transfer = None
@@ -469,8 +473,7 @@ def _train(run_dir: str, o: dict, log: _Log | None, resume_path: str | None, tra
             ema_halflife_nimg = min(ema_halflife_nimg, cur_nimg * o['ema_rampup_ratio'])
         ema_beta = 0.5 ** (batch_size / max(ema_halflife_nimg, 1e-8))
         with torch.no_grad():
-            for p_ema, p_net in zip(ema.parameters(), net.parameters()):
-                p_ema.copy_(p_net.detach().lerp(p_ema, ema_beta))
+            torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - ema_beta)  # One kernel per group, not per tensor.
 
         cur_nimg += batch_size
         step += 1
