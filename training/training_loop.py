@@ -2,14 +2,12 @@
 
 import contextlib
 import copy
-import io
 import itertools
 import json
 import os
 import re
-import sys
 import time
-from typing import Any, Iterator, TextIO
+from typing import Any, Iterator
 
 import numpy as np
 import psutil
@@ -162,62 +160,8 @@ def _truncate_stats(path: str, kimg: float) -> None:
             f.writelines(keep)
 
 
-class _Log:
-    """Text for log.txt: held in memory until the run directory exists, then appended to the file."""
-
-    def __init__(self):
-        self.buffer: io.StringIO | None = io.StringIO()
-        self.file: TextIO | None = None
-
-    def write(self, text: str) -> None:
-        if self.file is None:
-            self.buffer.write(text)
-        else:
-            self.file.write(text)
-            self.file.flush()
-
-    def open(self, path: str) -> None:
-        self.file = open(path, 'a')
-        self.write(self.buffer.getvalue())
-        self.buffer = None
-
-
-class _Tee:
-    """A stream that also writes into a _Log (EDM's Logger, without its global side effects)."""
-
-    def __init__(self, stream: TextIO, log: _Log):
-        self.stream, self.log = stream, log
-
-    def write(self, text: str) -> int:
-        self.stream.write(text)
-        self.log.write(text)
-        return len(text)
-
-    def flush(self) -> None:
-        self.stream.flush()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.stream, name)
-
-
-@contextlib.contextmanager
-def _captured_output(enabled: bool) -> Iterator[_Log | None]:
-    """Copy stdout and stderr into a _Log inside the block (rank 0); yields None when not enabled."""
-    if not enabled:
-        yield None
-        return
-    log, saved = _Log(), (sys.stdout, sys.stderr)
-    sys.stdout, sys.stderr = _Tee(sys.stdout, log), _Tee(sys.stderr, log)
-    try:
-        yield log
-    finally:
-        sys.stdout, sys.stderr = saved
-        if log.file is not None:
-            log.file.close()
-
-
-def _start_run_dir(run_dir: str, options: dict, log: _Log) -> None:
-    """Create the run directory (rank 0), write training_options.json, and start log.txt."""
+def _start_run_dir(run_dir: str, options: dict) -> None:
+    """Create the run directory (rank 0) and write training_options.json."""
     try:
         os.makedirs(run_dir, exist_ok=True)
     except OSError as e:
@@ -226,7 +170,6 @@ def _start_run_dir(run_dir: str, options: dict, log: _Log) -> None:
         raise UserError(f'Output directory {run_dir} is not writable')
     with dnnlib.util.atomic_write(os.path.join(run_dir, 'training_options.json'), 'w') as f:
         json.dump(options, f, indent=2)
-    log.open(os.path.join(run_dir, 'log.txt'))
 
 #----------------------------------------------------------------------------
 # Networks.
@@ -327,13 +270,14 @@ def training_loop(
                    resume=resume_path, cudnn_benchmark=cudnn_benchmark)
     # Plain JSON types (the state must load with weights_only); training_loop(**options) repeats the run.
     options = json.loads(json.dumps(options, default=json_default))
-    with _captured_output(rank == 0) as log:
-        return _train(run_dir, options, log, resume_path, transfer, device, batch_gpu, num_rounds, batch_gpu_total,
+    with contextlib.ExitStack() as log_scope:
+        return _train(run_dir, options, log_scope, resume_path, transfer, device, batch_gpu, num_rounds, batch_gpu_total,
                       start_time, cudnn_benchmark)
 
 
-def _train(run_dir: str, o: dict, log: _Log | None, resume_path: str | None, transfer: Any, device: torch.device,
-           batch_gpu: int, num_rounds: int, batch_gpu_total: int, start_time: float, cudnn_benchmark: bool) -> str:
+def _train(run_dir: str, o: dict, log_scope: contextlib.ExitStack, resume_path: str | None, transfer: Any,
+           device: torch.device, batch_gpu: int, num_rounds: int, batch_gpu_total: int, start_time: float,
+           cudnn_benchmark: bool) -> str:
     """The body of training_loop: load and check everything, then create the run directory and train."""
     rank, world_size = distributed.get_rank(), distributed.get_world_size()
     seed, batch_size = o['seed'], o['batch_size']
@@ -350,7 +294,6 @@ def _train(run_dir: str, o: dict, log: _Log | None, resume_path: str | None, tra
         if (mix.image_shape, mix.label_dim) != (dataset.image_shape, dataset.label_dim):
             raise UserError(f'The mix data set has images {mix.image_shape} and {mix.label_dim} label dims; '
                             f'the training set has {dataset.image_shape} and {dataset.label_dim}')
-    distributed.print0(f'Training images: {len(dataset)}' + (f'; {num_mix} of each batch of {batch_size} from a mix set of {len(mix)}' if mix else ''))
 
     # Sources of weights.
     state = None
@@ -393,7 +336,6 @@ def _train(run_dir: str, o: dict, log: _Log | None, resume_path: str | None, tra
         misc.copy_params_and_buffers(src_module=source, dst_module=net)
         misc.copy_params_and_buffers(src_module=source, dst_module=ema)
         del source
-    distributed.print0(f'Network: {type(net).__name__}, {misc.count_parameters(net):,} parameters')
     loss_fn = dnnlib.util.construct_class_by_name(**o['loss_kwargs'])
     augment_pipe = dnnlib.util.construct_class_by_name(**o['augment_kwargs']) if o['augment_kwargs'] is not None else None
     optimizer = dnnlib.util.construct_class_by_name(params=net.parameters(), **o['optimizer_kwargs'])
@@ -408,10 +350,19 @@ def _train(run_dir: str, o: dict, log: _Log | None, resume_path: str | None, tra
             raise UserError(f'{resume_path} does not fit the network options given: {str(e).splitlines()[0]}')
         optimizer.load_state_dict(state['optimizer'])
         cur_nimg, cur_tick = int(state['cur_nimg']), int(state['cur_tick'])
-    # Every input checked: only now does the run directory appear.
+    # Every input checked: only now does the run directory appear, and log.txt starts.
     if rank == 0:
-        _start_run_dir(run_dir, o, log)
+        _start_run_dir(run_dir, o)
     distributed.barrier()
+    log_scope.enter_context(dnnlib.util.tee_output(os.path.join(run_dir, 'log.txt') if rank == 0 else None))
+    distributed.print0(f'Run directory: {run_dir}')
+    distributed.print0(f'Training images: {len(dataset)} from {o["dataset_kwargs"].get("path")}' +
+                       (f'; {num_mix} of each batch of {batch_size} from a mix set of {len(mix)}' if mix else ''))
+    if resume_path is not None:
+        distributed.print0(f'Resuming from {resume_path}')
+    elif o['transfer'] is not None:
+        distributed.print0(f'Transferred weights from {o["transfer"]}')
+    distributed.print0(f'Network: {type(net).__name__}, {misc.count_parameters(net):,} parameters')
     ddp = net
     if distributed.is_distributed():
         ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == 'cuda' else None)
