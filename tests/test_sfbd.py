@@ -1,0 +1,291 @@
+"""sfbd: Algorithm 1 end to end on 8x8 digits; every index once in E_k; 1 = 2 processes; resume after interruptions; clean mix; bad input."""
+
+import json
+import math
+import os
+import shutil
+import signal
+
+import click
+import numpy as np
+import pytest
+import torch
+
+import dataset_tool
+import sfbd as sfbd_cli
+from tests.conftest import run_python
+from training import checkpoint, generation, metrics, sampler, sfbd, training_loop
+from training.dataset import open_dataset, to_model_space
+from training.networks import EDMPrecond
+
+SIGMA = 0.2
+NUM_NOISY = 64
+
+pytestmark = pytest.mark.filterwarnings('ignore::RuntimeWarning')  # FID of 128 pixel vectors: singular covariances
+
+#----------------------------------------------------------------------------
+# Data: 96 digits (8x8 grey), 32 clean, 64 corrupted once; FID reference from all 96 originals (pixels).
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp('sfbd-data')
+    d = {name: str(root / name) for name in ('all', 'clean', 'rest', 'noisy')}
+    dataset_tool.convert_dataset('sklearn-digits', d['all'], max_images=96, verbose=False)
+    dataset_tool.split_dataset(d['all'], '32', 0, d['clean'], d['rest'], verbose=False)
+    dataset_tool.corrupt_dataset(d['rest'], d['noisy'], SIGMA, 0, verbose=False)
+    d['ref'] = str(root / 'ref.npz')
+    metrics.make_ref(d['all'], d['ref'], 'pixels')
+    return d
+
+
+def cli_args(data: dict, outdir, *extra: str) -> list[str]:
+    """The tiny preset, two iterations, short phases; states dumped every 4 steps so a resume has one."""
+    return ['--config=tiny', f'--outdir={outdir}', f'--clean={data["clean"]}', f'--noisy={data["noisy"]}',
+            f'--fid-ref={data["ref"]}', '--detector=pixels', '--pretrain-kimg=1', '--iters=2', '--finetune-kimg=0.128',
+            '--tick=0.032', '--dump=2', '--denoise-steps=8', '--denoise-batch=12', '--eval-num=128', '--eval-steps=8',
+            '--grid=16', '--strip=6', *extra]
+
+
+def run_cli(args: list[str]) -> None:
+    sfbd_cli.main.main(args=args, standalone_mode=False)
+
+
+class _BatchSpy(training_loop.BatchOrder):
+    """Records, for every training run, the size of the main data set and the rows of each global batch."""
+    runs: list = []
+
+    def __init__(self, main_size: int, *args, **kwargs):
+        super().__init__(main_size, *args, **kwargs)
+        self.rows = []
+        _BatchSpy.runs.append((main_size, self.rows))
+
+    def global_batch(self, step: int) -> np.ndarray:
+        rows = super().global_batch(step)
+        self.rows.append(rows)
+        return rows
+
+
+@pytest.fixture(scope='module')
+def run_a(data, tmp_path_factory) -> dict:
+    """An uninterrupted run: pretraining and 2 iterations, with the fine-tune batches recorded."""
+    outdir = tmp_path_factory.mktemp('run-a') / 'run'
+    _BatchSpy.runs = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(training_loop, 'BatchOrder', _BatchSpy)
+        run_cli(cli_args(data, outdir))
+    return dict(dir=str(outdir), batches=list(_BatchSpy.runs))
+
+
+def read_records(run_dir) -> list[dict]:
+    with open(os.path.join(run_dir, 'metrics.jsonl')) as f:
+        return [json.loads(line) for line in f]
+
+
+def final_state_dict(run_dir) -> dict:
+    done = json.load(open(os.path.join(run_dir, 'iter-002', 'DONE')))
+    return checkpoint.load_network(os.path.join(run_dir, done['network'])).state_dict()
+
+#----------------------------------------------------------------------------
+
+def test_end_to_end_metrics_and_plots(run_a, data):
+    run_dir = run_a['dir']
+    records = read_records(run_dir)
+    assert [r['k'] for r in records] == [0, 1, 2]
+    for r in records:
+        assert math.isfinite(r['fid']) and r['fid'] > 0 and r['fid_detector'] == 'pixels' and r['fid_num'] == 128
+        assert os.path.isfile(os.path.join(run_dir, r['network']))
+    for r in records[1:]:
+        # Denoising must beat the noisy input, whose MSE against the originals is about sigma^2.
+        assert 0 < r['denoise_mse'] < SIGMA ** 2
+        assert r['denoise_psnr'] == pytest.approx(10 * math.log10(4 / r['denoise_mse']))
+    for name in ['sfbd_options.json', 'log.txt', 'metrics.png', 'pretrain/finished.json', 'iter-000/samples.png',
+                 'iter-000/DONE', 'iter-001/strip.png', 'iter-002/samples.png', 'iter-002/finetune/finished.json']:
+        assert os.path.isfile(os.path.join(run_dir, name)), name
+    import PIL.Image
+    assert PIL.Image.open(os.path.join(run_dir, 'iter-001', 'strip.png')).size == (6 * 9 - 1, 3 * 9 - 1)  # 6 images x 3 rows
+    assert PIL.Image.open(os.path.join(run_dir, 'iter-002', 'samples.png')).size == (4 * 9 - 1, 4 * 9 - 1)
+    log = open(os.path.join(run_dir, 'log.txt')).read()
+    assert 'SFBD summary' in log and 'Final network' in log and 'Denoising E_2' in log
+    noisy = open_dataset(data['noisy'])
+    for k in (1, 2):
+        e_k = open_dataset(os.path.join(run_dir, f'iter-{k:03d}', 'denoised'))
+        assert len(e_k) == NUM_NOISY and e_k.dtype == np.uint8 and e_k.sigma is None
+        assert e_k.metadata['sfbd_iteration'] == k and e_k.metadata['source_indices'] == noisy.metadata['source_indices']
+        assert not os.path.exists(os.path.join(run_dir, f'iter-{k:03d}', 'denoised.parts'))
+
+
+def test_clean_mix_zero_feeds_no_clean_image(run_a):
+    (pre_size, pre_rows), *finetunes = run_a['batches']
+    assert pre_size == 32 and len(finetunes) == 2
+    for main_size, rows in finetunes:
+        assert main_size == NUM_NOISY and rows
+        assert all((r < NUM_NOISY).all() for r in rows)  # rows >= main_size would be clean (mix) images
+    options = json.load(open(os.path.join(run_a['dir'], 'iter-001', 'finetune', 'training_options.json')))
+    assert options['mix_dataset_kwargs'] is None and options['mix_fraction'] == 0
+
+
+class Interrupt(Exception):
+    """Stands for a kill at that point: the run stops there, leaving its files as they are."""
+
+
+class _Identity(torch.nn.Module):
+    """D(x; sigma) = x: the backward ODE then leaves each image where it starts, so E_k = uint8(noisy)."""
+    sigma_min, sigma_max, label_dim = 0, float('inf'), 0
+
+    def round_sigma(self, sigma):
+        return torch.as_tensor(sigma)
+
+    def forward(self, x, sigma, class_labels=None):
+        return x
+
+
+def test_every_noisy_index_once_and_chunks_kept(data, tmp_path, monkeypatch):
+    noisy = open_dataset(data['noisy'])
+    expect = generation.to_uint8(to_model_space(torch.from_numpy(np.stack([noisy[i][0] for i in range(len(noisy))])))).numpy()
+    dest = str(tmp_path / 'E')
+    calls = []
+    real = sampler.backward_sample
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3 and kill:
+            raise Interrupt('killed')
+        return real(*args, **kwargs)
+    monkeypatch.setattr(sampler, 'backward_sample', counted)
+    kwargs = dict(sigma_tau=SIGMA, num_steps=8, solver='ode', seed=0, k=1, batch=7)  # 64 = 9 x 7 + 1: a last partial batch
+    kill = True
+    with pytest.raises(Interrupt):
+        sfbd.denoise_dataset(_Identity(), noisy, dest, **kwargs)
+    assert len(os.listdir(dest + '.parts')) == 2 and not os.path.exists(dest)
+    calls.clear()
+    kill = False
+    sfbd.denoise_dataset(_Identity(), noisy, dest, **kwargs)
+    assert len(calls) == 10 - 2  # the two finished chunks were kept
+    e_k = open_dataset(dest)
+    np.testing.assert_array_equal(e_k.images, expect)  # row i is noisy image i: none lost, none duplicated
+    assert not os.path.exists(dest + '.parts')
+
+
+def test_one_and_two_processes_give_identical_e1(run_a, data, tmp_path, torchrun):
+    pretrained = os.path.join(run_a['dir'], 'pretrain', 'network-snapshot-000001.pt')
+    assert os.path.isfile(pretrained)
+    extra = [f'--pretrained={pretrained}', '--iters=1', '--denoise-solver=sde', '--eval-every=0', '--clean-mix=0.5']
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each torchrun process
+    _BatchSpy.runs = []
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(training_loop, 'BatchOrder', _BatchSpy)
+            run_cli(cli_args(data, tmp_path / 'one', *extra))
+    finally:
+        torch.set_num_threads(threads)
+    torchrun([os.path.join(os.path.dirname(sfbd_cli.__file__), 'sfbd.py'), *cli_args(data, tmp_path / 'two', *extra)])
+    one = np.load(tmp_path / 'one' / 'iter-001' / 'denoised' / 'images.npy')
+    two = np.load(tmp_path / 'two' / 'iter-001' / 'denoised' / 'images.npy')
+    assert one.shape == (NUM_NOISY, 1, 8, 8) and one.tobytes() == two.tobytes()
+    assert os.path.isfile(tmp_path / 'two' / 'iter-001' / 'DONE')
+    # The positive control of the clean-mix check: half of each fine-tune batch comes from the clean set.
+    [(main_size, rows)] = _BatchSpy.runs
+    assert all((r >= main_size).sum() == 8 for r in rows)
+
+
+# Run sfbd.py in a process that SIGKILLs itself right after the first training state is written.
+_KILLED_AFTER_STATE = """
+import os, signal, sys
+from training import checkpoint
+save = checkpoint.save_training_state
+def save_and_die(path, **kwargs):
+    save(path, **kwargs)
+    os.kill(os.getpid(), signal.SIGKILL)
+checkpoint.save_training_state = save_and_die
+import sfbd
+sfbd.main(sys.argv[1:])
+"""
+
+
+def test_resume_after_kills_equals_uninterrupted(run_a, data, tmp_path, monkeypatch):
+    run_b = tmp_path / 'run'
+    shutil.copytree(run_a['dir'], run_b)
+    shutil.rmtree(run_b / 'iter-002')  # as if killed when iteration 2 began
+    args = cli_args(data, run_b)
+    denoise_calls = []
+    real_sample, real_fid = sampler.backward_sample, metrics.fid_from_stats
+
+    def sample(*a, **kw):
+        denoise_calls.append(1)
+        if len(denoise_calls) == 3:
+            raise Interrupt('during denoising')
+        return real_sample(*a, **kw)
+
+    def fid(*a, **kw):
+        raise Interrupt('during evaluation')
+
+    monkeypatch.setattr(sampler, 'backward_sample', sample)
+    with pytest.raises(Interrupt, match='denoising'):
+        run_cli(args)
+    assert len(os.listdir(run_b / 'iter-002' / 'denoised.parts')) == 2
+
+    res = run_python(['-c', _KILLED_AFTER_STATE, *args], check=False)
+    assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]
+    assert 'Denoising E_2' in res.stdout and os.path.isfile(run_b / 'iter-002' / 'denoised' / 'images.npy')
+    assert training_loop.find_latest_state(str(run_b / 'iter-002' / 'finetune'))
+    assert not os.path.exists(run_b / 'iter-002' / 'finetune' / 'finished.json')
+
+    monkeypatch.setattr(metrics, 'fid_from_stats', fid)
+    with pytest.raises(Interrupt, match='evaluation'):
+        run_cli(args)
+    assert os.path.isfile(run_b / 'iter-002' / 'finetune' / 'finished.json')
+    assert not os.path.exists(run_b / 'iter-002' / 'DONE')
+
+    monkeypatch.setattr(metrics, 'fid_from_stats', real_fid)
+    run_cli(args)
+    assert len(denoise_calls) == 3  # E_2 was finished by the killed process, and not redone
+    a_dir = run_a['dir']
+    name = 'iter-002/denoised/images.npy'
+    assert open(os.path.join(a_dir, name), 'rb').read() == open(run_b / name, 'rb').read()
+    a, b = final_state_dict(a_dir), final_state_dict(run_b)
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    strip = lambda records: [{k: v for k, v in r.items() if k != 'sec'} for r in records]
+    assert strip(read_records(a_dir)) == strip(read_records(run_b))
+
+#----------------------------------------------------------------------------
+# Bad input: one line, before anything is written.
+
+def _bad_inputs(data: dict, root) -> dict:
+    small = dict(img_resolution=16, img_channels=1, model_channels=8, channel_mult=[1], num_blocks=1, attn_resolutions=[])
+    checkpoint.save_network(str(root / 'net16.pt'), EDMPrecond(**small))
+    os.makedirs(root / 'bare')
+    np.save(root / 'bare' / 'images.npy', np.zeros([4, 1, 8, 8], np.float32))
+    dataset_tool.convert_dataset('sklearn-digits', str(root / 'big'), resolution='16x16', max_images=4, verbose=False)
+    with open(root / 'ref10.npz', 'wb') as f:
+        np.savez(f, mu=np.zeros(10), sigma=np.eye(10))
+    return {
+        'resolution': ([f'--clean={root / "big"}'], 'clean set holds 16x16'),
+        'no metadata': ([f'--noisy={root / "bare"}'], 'needs images.npy and dataset.json'),
+        'clean as noisy': ([f'--noisy={data["clean"]}'], 'has no noise level'),
+        'sigma': (['--sigma=0.3'], 'contradicts'),
+        'pretrained': ([f'--pretrained={root / "net16.pt"}'], 'takes 16x16 images'),
+        'ref': ([f'--fid-ref={root / "ref10.npz"}'], '10-d statistics'),
+        'iters': (['--iters=0'], '--iters'),
+    }
+
+
+def test_bad_input_one_line(data, tmp_path):
+    for what, (extra, message) in _bad_inputs(data, tmp_path).items():
+        outdir = tmp_path / f'out-{what}'
+        with pytest.raises(click.ClickException) as e:
+            run_cli(cli_args(data, outdir, *extra))
+        text = e.value.format_message()
+        assert message in text and '\n' not in text, (what, text)
+        assert not os.path.exists(outdir / 'sfbd_options.json'), what
+
+
+def test_rerun_with_other_options_refused(run_a, data):
+    with pytest.raises(click.ClickException, match='other options') as e:
+        run_cli(cli_args(data, run_a['dir'], '--finetune-kimg=0.5'))
+    assert 'finetune_kimg' in e.value.format_message()
+
+
+def test_help_mentions_units_and_pickles():
+    text = sfbd_cli.main.get_help(click.Context(sfbd_cli.main))
+    assert '[-1, 1]' in text and 'pickle can run code' in text and '--cbase' in text
