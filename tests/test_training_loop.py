@@ -200,6 +200,9 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path, data):
         for name in ['exp_avg', 'exp_avg_sq']:
             assert torch.equal(a['state'][k][name], b['state'][k][name])
     assert os.path.basename(final) == os.path.basename(ref)
+    # Resuming a finished run trains no further: it only returns (rewrites) the final snapshot.
+    assert tl.training_loop(str(killed), **dict(opts, resume=str(killed))) == final
+    assert _state(killed)['cur_nimg'] == 64
     # The ticks the killed run logged after its last state are not repeated in stats.jsonl.
     ticks = [json.loads(line)['Progress/tick']['mean'] for line in open(killed / 'stats.jsonl')]
     assert ticks == [json.loads(line)['Progress/tick']['mean'] for line in open(tmp_path / 'ref' / 'stats.jsonl')]

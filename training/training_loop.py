@@ -148,6 +148,16 @@ def _prune(run_dir: str, pattern: re.Pattern, keep: int | None) -> None:
         os.remove(os.path.join(run_dir, name))
 
 
+def _save_snapshot(run_dir: str, ema: torch.nn.Module, o: dict, cur_nimg: int) -> str:
+    """Write the EMA network as network-snapshot-KIMG.pt (rank 0); its path on every rank."""
+    path = os.path.join(run_dir, f'network-snapshot-{cur_nimg // 1000:06d}.pt')
+    if distributed.get_rank() == 0:
+        checkpoint.save_network(path, ema, augment_kwargs=o['augment_kwargs'], dataset_kwargs=o['dataset_kwargs'],
+                                kimg=cur_nimg / 1e3, meta=dict(run_dir=run_dir, seed=o['seed']))
+        _prune(run_dir, _SNAPSHOT_RE, o['keep_last'])
+    return path
+
+
 def _truncate_stats(path: str, kimg: float) -> None:
     """Drop stats.jsonl records past `kimg`: a resumed run rewrites the ticks after its state dump."""
     if not os.path.isfile(path):
@@ -359,10 +369,15 @@ def _train(run_dir: str, o: dict, log_scope: contextlib.ExitStack, resume_path: 
     distributed.print0(f'Training images: {len(dataset)} from {o["dataset_kwargs"].get("path")}' +
                        (f'; {num_mix} of each batch of {batch_size} from a mix set of {len(mix)}' if mix else ''))
     if resume_path is not None:
-        distributed.print0(f'Resuming from {resume_path}')
+        distributed.print0(f'Resuming from {resume_path} at {cur_nimg / 1e3:g} kimg, tick {cur_tick}')
     elif o['transfer'] is not None:
         distributed.print0(f'Transferred weights from {o["transfer"]}')
     distributed.print0(f'Network: {type(net).__name__}, {misc.count_parameters(net):,} parameters')
+    # A state that already reached the duration (e.g. a rerun after the end) trains no further.
+    total_nimg = int(round(o['total_kimg'] * 1000))
+    if cur_nimg >= total_nimg:
+        distributed.print0(f'The state is at {cur_nimg / 1e3:g} kimg, not before the end ({o["total_kimg"]:g} kimg): nothing to train')
+        return _save_snapshot(run_dir, ema, o, cur_nimg)
     ddp = net
     if distributed.is_distributed():
         ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == 'cuda' else None)
@@ -380,14 +395,11 @@ def _train(run_dir: str, o: dict, log_scope: contextlib.ExitStack, resume_path: 
     # Dropout draws from each rank's global RNG: restored on resume, else keyed by (seed, rank).
     if state is None or not _set_rng_state(state['rng'], device):
         torch.manual_seed(rng.derive_seed(seed, _KEY_DROPOUT, cur_nimg, rank))
-    if state is not None:
-        if os.path.abspath(os.path.dirname(resume_path)) == os.path.abspath(run_dir) and rank == 0:
-            _truncate_stats(os.path.join(run_dir, 'stats.jsonl'), cur_nimg / 1e3)
-        distributed.print0(f'Resumed at {cur_nimg / 1e3:.3f} kimg, tick {cur_tick}')
+    if state is not None and os.path.abspath(os.path.dirname(resume_path)) == os.path.abspath(run_dir) and rank == 0:
+        _truncate_stats(os.path.join(run_dir, 'stats.jsonl'), cur_nimg / 1e3)
     del state
 
     # Train.
-    total_nimg = int(round(o['total_kimg'] * 1000))
     distributed.print0(f'Training for {o["total_kimg"]:g} kimg on {world_size} process(es), batch {batch_size} '
                        f'({batch_gpu} x {num_rounds} round(s) per process), precision {o["precision"]}...\n')
     collector = training_stats.Collector(regex='.*', keep_previous=False)
@@ -462,18 +474,12 @@ def _train(run_dir: str, o: dict, log_scope: contextlib.ExitStack, resume_path: 
         training_stats.append_jsonl(os.path.join(run_dir, 'stats.jsonl'), dict(collector.as_dict(), timestamp=time.time()))
 
         # Network snapshot (EMA weights) and full training state; always both at the end.
-        kimg_tag = f'{cur_nimg // 1000:06d}'
         if done or (o['snapshot_ticks'] is not None and cur_tick % o['snapshot_ticks'] == 0):
-            path = os.path.join(run_dir, f'network-snapshot-{kimg_tag}.pt')
-            if rank == 0:
-                checkpoint.save_network(path, ema, augment_kwargs=o['augment_kwargs'], dataset_kwargs=o['dataset_kwargs'],
-                                        kimg=cur_nimg / 1e3, meta=dict(run_dir=run_dir, seed=seed))
-                _prune(run_dir, _SNAPSHOT_RE, o['keep_last'])
-            final_snapshot = path
+            final_snapshot = _save_snapshot(run_dir, ema, o, cur_nimg)
         if done or (o['state_dump_ticks'] is not None and cur_tick % o['state_dump_ticks'] == 0 and cur_tick != 0):
             rng_state = _rng_state(device)
             if rank == 0:
-                checkpoint.save_training_state(os.path.join(run_dir, f'training-state-{kimg_tag}.pt'), net=net, ema=ema,
+                checkpoint.save_training_state(os.path.join(run_dir, f'training-state-{cur_nimg // 1000:06d}.pt'), net=net, ema=ema,
                                                optimizer=optimizer, cur_nimg=cur_nimg, cur_tick=cur_tick + 1,
                                                rng=rng_state, options=o)
                 _prune(run_dir, _STATE_RE, o['keep_last'])
