@@ -1,6 +1,8 @@
 """Shared bench pieces: common options, variants, timing with warm-up and sync, machine info, tables, JSON."""
 
+import contextlib
 import dataclasses
+import gc
 import json
 import os
 import platform
@@ -8,10 +10,11 @@ import re
 import statistics
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import click
 import torch
+import torch.utils.flop_counter
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as `python bench/x.py`
 
@@ -87,7 +90,8 @@ def bench_options(batch: int, iters: int, warmup: int, variants: str, allowed: s
             click.option('--device', type=click.Choice(['cpu', 'cuda']), default='cuda' if torch.cuda.is_available() else 'cpu', show_default=True, help='Where to run.'),
             click.option('--batch', type=click.IntRange(min=1), default=batch, show_default=True, help='Batch size (images) of the baseline.'),
             click.option('--iters', type=click.IntRange(min=1), default=iters, show_default=True, help='Timed iterations per variant.'),
-            click.option('--warmup', type=click.IntRange(min=0), default=warmup, show_default=True, help='Untimed iterations first (compilation, cuDNN autotuning, caches).'),
+            click.option('--warmup', type=click.IntRange(min=1), default=warmup, show_default=True, help='Untimed iterations first (compilation, cuDNN autotuning, caches; peak memory).'),
+            click.option('--stat', type=click.Choice(['median', 'min']), default='median', show_default=True, help='Statistic of the timed iterations behind rates and ratios (min suits a shared CPU).'),
             click.option('--variants', type=str, default=variants, show_default=True, help=f'Comma-separated variants, tokens joined by "+". Tokens: {known}.'),
             click.option('--threads', type=click.IntRange(min=1), default=None, help='CPU threads for torch  [default: torch default]'),
             click.option('--json', 'json_path', type=click.Path(dir_okay=False), default=None, help='Also write the table and machine info here as JSON.'),
@@ -130,9 +134,31 @@ def time_steps(step: Callable[[], Any], iters: int, warmup: int, device: torch.d
     return times
 
 
-def summarize(times: list[float]) -> dict:
-    """Median (robust on shared machines), min and mean seconds per step."""
-    return dict(sec_median=statistics.median(times), sec_min=min(times), sec_mean=statistics.fmean(times), samples=len(times))
+def measure(builders: list[tuple[Variant, Callable[[], Callable[[], Any]]]], iters: int, warmup: int,
+            device: torch.device, stat: str = 'median') -> list[dict]:
+    """Build and warm up each variant's step, then time the steps in interleaved rounds.
+
+    Round-robin timing spreads load from other processes (shared CPUs) over all variants alike.
+    peak_bytes is the peak during the variant's build and warm-up above the memory in use before
+    its build: its weights, gradients, optimizer state and activations.
+    """
+    steps, rows = [], []
+    for v, build in builders:
+        gc.collect()
+        with perf.track_peak_memory(device) as mem:
+            before = perf.current_memory(device)
+            step = build()
+            time_steps(step, 0, warmup, device)
+        steps.append(step)
+        rows.append(dict(variant=v.name, peak_bytes=max(mem['peak_bytes'] - before, 0), times=[]))
+    for _ in range(iters):
+        for step, row in zip(steps, rows):
+            row['times'] += time_steps(step, 1, 0, device)
+    for row in rows:
+        times = row.pop('times')
+        row.update(sec_median=statistics.median(times), sec_min=min(times), sec_mean=statistics.fmean(times), samples=len(times))
+        row['sec'] = row['sec_' + stat]
+    return rows
 
 #----------------------------------------------------------------------------
 # Machine description and output.
@@ -194,3 +220,51 @@ def report(bench: str, device: torch.device, args: dict, rows: list[dict], colum
 
 def mib(nbytes: int | None) -> float | None:
     return None if nbytes is None else nbytes / 2**20
+
+#----------------------------------------------------------------------------
+# Networks: the paper's configurations (SPEC Table 3) and a tiny one for quick checks.
+
+_DDPMPP = dict(model_type='SongUNet', embedding_type='positional', encoder_type='standard', decoder_type='standard',
+               channel_mult_noise=1, resample_filter=[1, 1], model_channels=128, channel_mult=[2, 2, 2])
+_NCSNPP = dict(_DDPMPP, embedding_type='fourier', encoder_type='residual', channel_mult_noise=2, resample_filter=[1, 3, 3, 1])
+
+ARCHS = {
+    'cifar10-ddpmpp':  dict(img_resolution=32, img_channels=3, dropout=0.13, augment_dim=9, **_DDPMPP),
+    'cifar10-ncsnpp':  dict(img_resolution=32, img_channels=3, dropout=0.13, augment_dim=9, **_NCSNPP),
+    'celeba64-ncsnpp': dict(img_resolution=64, img_channels=3, dropout=0.05, augment_dim=9, **dict(_NCSNPP, channel_mult=[1, 2, 2, 2])),
+    'tiny':            dict(img_resolution=16, img_channels=3, dropout=0.0, augment_dim=0, **dict(_DDPMPP, model_channels=16, channel_mult=[1, 2],
+                                                                                                  num_blocks=1, attn_resolutions=[8])),
+}
+
+
+def build_network(arch: str, device: torch.device, seed: int = 0) -> torch.nn.Module:
+    """An EDMPrecond network of a preset, with seeded random weights (speed does not depend on them)."""
+    from training.networks import EDMPrecond
+    torch.manual_seed(seed)
+    return EDMPrecond(**ARCHS[arch]).to(device)
+
+
+def einsum_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """EDM's unfused attention, for the baseline: the full pixels x pixels weight matrix in fp32, then values."""
+    w = torch.einsum('nhcq,nhck->nhqk', q.to(torch.float32), (k / k.shape[2] ** 0.5).to(torch.float32)).softmax(dim=3)
+    return torch.einsum('nhqk,nhck->nhcq', w.to(v.dtype), v)
+
+
+@contextlib.contextmanager
+def attention_impl(fused: bool) -> Iterator[None]:
+    """Use the networks' fused attention (sdpa) or, for the baseline, EDM's unfused einsum attention."""
+    import training.networks as networks
+    saved = networks.attention
+    networks.attention = saved if fused else einsum_attention
+    try:
+        yield
+    finally:
+        networks.attention = saved
+
+
+def forward_flops(net: torch.nn.Module, device: torch.device) -> float:
+    """FLOPs (2 per multiply-add) of one network forward pass per image, counted by torch's flop counter."""
+    x = torch.zeros([1, net.img_channels, net.img_resolution, net.img_resolution], device=device)
+    with torch.no_grad(), torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
+        net(x, torch.ones([1], device=device))
+    return float(counter.get_total_flops())

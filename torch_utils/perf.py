@@ -1,6 +1,7 @@
 """The fast path: precision choice, bf16 autocast, channels_last / torch.compile preparation, peak memory."""
 
 import contextlib
+import ctypes
 import functools
 import os
 import warnings
@@ -158,6 +159,11 @@ def reset_peak_memory(device: torch.device | str) -> None:
         torch.cuda.reset_peak_memory_stats(device)
         return
     try:
+        # Hand freed heap back to the OS first, so the window starts from the memory really in use.
+        ctypes.CDLL('libc.so.6').malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
         # Writing 5 to clear_refs resets VmHWM (Linux >= 4.0); elsewhere the peak covers the process life.
         with open('/proc/self/clear_refs', 'w') as f:
             f.write('5')
@@ -165,18 +171,34 @@ def reset_peak_memory(device: torch.device | str) -> None:
         pass
 
 
+def _proc_status_bytes(key: str) -> int | None:
+    """A 'kB' line of /proc/self/status (VmRSS, VmHWM) in bytes; None where /proc is missing."""
+    try:
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith(key + ':'):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def current_memory(device: torch.device | str) -> int:
+    """Memory in use now, in bytes: CUDA tensors allocated, or the process's resident set on CPU (0 if unknown)."""
+    device = torch.device(device)
+    if device.type == 'cuda':
+        return int(torch.cuda.memory_allocated(device))
+    return _proc_status_bytes('VmRSS') or 0
+
+
 def peak_memory(device: torch.device | str) -> int:
     """Peak memory in bytes since the last reset: CUDA tensors allocated, or the process's peak RSS on CPU."""
     device = torch.device(device)
     if device.type == 'cuda':
         return int(torch.cuda.max_memory_allocated(device))
-    try:
-        with open('/proc/self/status') as f:
-            for line in f:
-                if line.startswith('VmHWM:'):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    peak = _proc_status_bytes('VmHWM')
+    if peak is not None:
+        return peak
     import resource  # Unix only; reached only where /proc is missing.
     # ru_maxrss is KiB on Linux and bytes on macOS.
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
