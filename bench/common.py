@@ -19,6 +19,7 @@ import torch.utils.flop_counter
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as `python bench/x.py`
 
 import dnnlib  # noqa: E402
+import dnnlib.cli  # noqa: E402
 from torch_utils import perf  # noqa: E402
 
 #----------------------------------------------------------------------------
@@ -222,26 +223,24 @@ def mib(nbytes: int | None) -> float | None:
     return None if nbytes is None else nbytes / 2**20
 
 #----------------------------------------------------------------------------
-# Networks: the paper's configurations (SPEC Table 3) and a tiny one for quick checks.
+# Networks and training objects, built exactly as train.py builds them from a configs/ preset.
 
-_DDPMPP = dict(model_type='SongUNet', embedding_type='positional', encoder_type='standard', decoder_type='standard',
-               channel_mult_noise=1, resample_filter=[1, 1], model_channels=128, channel_mult=[2, 2, 2])
-_NCSNPP = dict(_DDPMPP, embedding_type='fourier', encoder_type='residual', channel_mult_noise=2, resample_filter=[1, 3, 3, 1])
-
-ARCHS = {
-    'cifar10-ddpmpp':  dict(img_resolution=32, img_channels=3, dropout=0.13, augment_dim=9, **_DDPMPP),
-    'cifar10-ncsnpp':  dict(img_resolution=32, img_channels=3, dropout=0.13, augment_dim=9, **_NCSNPP),
-    'celeba64-ncsnpp': dict(img_resolution=64, img_channels=3, dropout=0.05, augment_dim=9, **dict(_NCSNPP, channel_mult=[1, 2, 2, 2])),
-    'tiny':            dict(img_resolution=16, img_channels=3, dropout=0.0, augment_dim=0, **dict(_DDPMPP, model_channels=16, channel_mult=[1, 2],
-                                                                                                  num_blocks=1, attn_resolutions=[8])),
-}
+RESOLUTIONS = {'cifar10-ddpmpp': 32, 'celeba64-ncsnpp': 64, 'tiny': 16}  # preset -> image resolution
 
 
-def build_network(arch: str, device: torch.device, seed: int = 0) -> torch.nn.Module:
-    """An EDMPrecond network of a preset, with seeded random weights (speed does not depend on them)."""
-    from training.networks import EDMPrecond
+def training_kwargs(preset: str) -> dnnlib.EasyDict:
+    """train.py's training_loop kwargs (network, loss, augment, optimizer) for a preset with train.py's defaults."""
+    import train
+    opts = {p.name: p.default for p in train.main.params}
+    opts.update(dnnlib.cli.load_preset(preset).get('train', {}))
+    return train.model_training_kwargs(opts)
+
+
+def build_network(preset: str, device: torch.device, seed: int = 0) -> torch.nn.Module:
+    """The preset's network (3 channels, unconditional) with seeded random weights; speed does not depend on them."""
     torch.manual_seed(seed)
-    return EDMPrecond(**ARCHS[arch]).to(device)
+    kwargs = training_kwargs(preset).network_kwargs
+    return dnnlib.util.construct_class_by_name(img_resolution=RESOLUTIONS[preset], img_channels=3, label_dim=0, **kwargs).to(device)
 
 
 def einsum_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
