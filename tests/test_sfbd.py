@@ -23,6 +23,14 @@ NUM_NOISY = 64
 
 pytestmark = pytest.mark.filterwarnings('ignore::RuntimeWarning')  # FID of 128 pixel vectors: singular covariances
 
+@pytest.fixture(scope='module', autouse=True)
+def one_thread():
+    """One thread, as in each torchrun process and the killed run: equal results need equal thread counts."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 #----------------------------------------------------------------------------
 # Data: 96 digits (8x8 grey), 32 clean, 64 corrupted once; FID reference from all 96 originals (pixels).
 
@@ -170,15 +178,10 @@ def test_one_and_two_processes_give_identical_e1(run_a, data, tmp_path, torchrun
     pretrained = os.path.join(run_a['dir'], 'pretrain', 'network-snapshot-000001.pt')
     assert os.path.isfile(pretrained)
     extra = [f'--pretrained={pretrained}', '--iters=1', '--denoise-solver=sde', '--eval-every=0', '--clean-mix=0.5']
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each torchrun process
     _BatchSpy.runs = []
-    try:
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(training_loop, 'BatchOrder', _BatchSpy)
-            run_cli(cli_args(data, tmp_path / 'one', *extra))
-    finally:
-        torch.set_num_threads(threads)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(training_loop, 'BatchOrder', _BatchSpy)
+        run_cli(cli_args(data, tmp_path / 'one', *extra))
     torchrun([os.path.join(os.path.dirname(sfbd_cli.__file__), 'sfbd.py'), *cli_args(data, tmp_path / 'two', *extra)])
     one = np.load(tmp_path / 'one' / 'iter-001' / 'denoised' / 'images.npy')
     two = np.load(tmp_path / 'two' / 'iter-001' / 'denoised' / 'images.npy')
@@ -225,7 +228,7 @@ def test_resume_after_kills_equals_uninterrupted(run_a, data, tmp_path, monkeypa
         run_cli(args)
     assert len(os.listdir(run_b / 'iter-002' / 'denoised.parts')) == 2
 
-    res = run_python(['-c', _KILLED_AFTER_STATE, *args], check=False)
+    res = run_python(['-c', _KILLED_AFTER_STATE, *args], check=False, env={'OMP_NUM_THREADS': '1'})
     assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]
     assert 'Denoising E_2' in res.stdout and os.path.isfile(run_b / 'iter-002' / 'denoised' / 'images.npy')
     assert training_loop.find_latest_state(str(run_b / 'iter-002' / 'finetune'))
