@@ -202,25 +202,18 @@ class FourierEmbedding(torch.nn.Module):
 
 @persistence.record_init_kwargs
 class SongUNet(torch.nn.Module):
-    def __init__(self,
-        img_resolution: int,                    # Image resolution at input/output.
-        in_channels: int,                       # Color channels at input.
-        out_channels: int,                      # Color channels at output.
-        label_dim: int = 0,                     # Number of class labels, 0 = unconditional.
-        augment_dim: int = 0,                   # Augmentation label dimensionality, 0 = no augmentation.
-        model_channels: int = 128,              # Base multiplier for the number of channels.
-        channel_mult: list[int] = (1, 2, 2, 2), # Per-resolution multipliers for the number of channels.
-        channel_mult_emb: int = 4,              # Multiplier for the dimensionality of the embedding vector.
-        num_blocks: int = 4,                    # Residual blocks per resolution.
-        attn_resolutions: list[int] = (16,),    # Resolutions with self-attention.
-        dropout: float = 0.10,                  # Dropout probability of intermediate activations.
-        label_dropout: float = 0,               # Dropout probability of class labels (classifier-free guidance).
-        embedding_type: str = 'positional',     # Noise embedding: 'positional' (DDPM++) or 'fourier' (NCSN++).
-        channel_mult_noise: int = 1,            # Noise embedding size: 1 (DDPM++) or 2 (NCSN++).
-        encoder_type: str = 'standard',         # Encoder: 'standard' (DDPM++), 'residual' (NCSN++) or 'skip'.
-        decoder_type: str = 'standard',         # Decoder: 'standard' (both) or 'skip'.
-        resample_filter: list[int] = (1, 1),    # Resampling filter: [1,1] (DDPM++) or [1,3,3,1] (NCSN++).
-    ):
+    """DDPM++ / NCSN++ U-Net. Widths: model_channels * channel_mult[level] per resolution level, an
+    embedding of model_channels * channel_mult_emb, a noise embedding of model_channels * channel_mult_noise.
+    DDPM++ = positional embedding, standard encoder, filter [1,1]; NCSN++ = fourier embedding, residual
+    encoder, channel_mult_noise 2, filter [1,3,3,1]. label_dim / augment_dim 0 mean none; label_dropout is
+    for classifier-free guidance."""
+
+    def __init__(self, img_resolution: int, in_channels: int, out_channels: int, label_dim: int = 0,
+                 augment_dim: int = 0, model_channels: int = 128, channel_mult: list[int] = (1, 2, 2, 2),
+                 channel_mult_emb: int = 4, num_blocks: int = 4, attn_resolutions: list[int] = (16,),
+                 dropout: float = 0.10, label_dropout: float = 0, embedding_type: str = 'positional',
+                 channel_mult_noise: int = 1, encoder_type: str = 'standard', decoder_type: str = 'standard',
+                 resample_filter: list[int] = (1, 1)):
         if embedding_type not in ('fourier', 'positional'):
             raise dnnlib.UserError(f'embedding_type must be positional or fourier, not {embedding_type!r}')
         if encoder_type not in ('standard', 'skip', 'residual'):
@@ -338,20 +331,13 @@ class SongUNet(torch.nn.Module):
 
 @persistence.record_init_kwargs
 class DhariwalUNet(torch.nn.Module):
-    def __init__(self,
-        img_resolution: int,                        # Image resolution at input/output.
-        in_channels: int,                           # Color channels at input.
-        out_channels: int,                          # Color channels at output.
-        label_dim: int = 0,                         # Number of class labels, 0 = unconditional.
-        augment_dim: int = 0,                       # Augmentation label dimensionality, 0 = no augmentation.
-        model_channels: int = 192,                  # Base multiplier for the number of channels.
-        channel_mult: list[int] = (1, 2, 3, 4),     # Per-resolution multipliers for the number of channels.
-        channel_mult_emb: int = 4,                  # Multiplier for the dimensionality of the embedding vector.
-        num_blocks: int = 3,                        # Residual blocks per resolution.
-        attn_resolutions: list[int] = (32, 16, 8),  # Resolutions with self-attention.
-        dropout: float = 0.10,                      # Dropout probability of intermediate activations.
-        label_dropout: float = 0,                   # Dropout probability of class labels (classifier-free guidance).
-    ):
+    """ADM U-Net: model_channels * channel_mult[level] channels per level, 64 channels per attention head,
+    attention at attn_resolutions; label_dim / augment_dim 0 mean none."""
+
+    def __init__(self, img_resolution: int, in_channels: int, out_channels: int, label_dim: int = 0,
+                 augment_dim: int = 0, model_channels: int = 192, channel_mult: list[int] = (1, 2, 3, 4),
+                 channel_mult_emb: int = 4, num_blocks: int = 3, attn_resolutions: list[int] = (32, 16, 8),
+                 dropout: float = 0.10, label_dropout: float = 0):
         super().__init__()
         self.label_dropout = label_dropout
         emb_channels = model_channels * channel_mult_emb
