@@ -329,9 +329,9 @@ def run_sfbd(
     dataset_kwargs: dict | None = None,        # open_dataset options of the training sets (xflip, cache); path set here.
     sigma: float | None = None,                # Expected sigma_tau ([-1, 1] units); an error if the noisy set disagrees.
     pretrained: str | None = None,             # Start from this network (any load_network input) instead of pretraining.
-    pretrain_kimg: float = 2000,               # Pretraining on D_clean, thousands of images.
+    pretrain_kimg: float = 20000,              # Pretraining on D_clean, thousands of images.
     iters: int = 10,                           # K, the number of SFBD iterations.
-    finetune_kimg: float = 1000,               # Fine-tuning per iteration, thousands of images.
+    finetune_kimg: float = 2000,               # Fine-tuning per iteration, thousands of images.
     finetune_lr: float | None = None,          # Fine-tune learning rate; None: that of train_kwargs.
     finetune_lr_rampup_kimg: float | None = None,  # Fine-tune lr warm-up (restarted every iteration); None: train_kwargs'.
     finetune_ema_halflife_kimg: float | None = None,  # Fine-tune EMA half-life; None: train_kwargs'.
