@@ -48,21 +48,12 @@ class AugmentPipe:
                  translate_int_max: float = 0.125, scale: float = 0, rotate_frac: float = 0, aniso: float = 0,
                  translate_frac: float = 0, scale_std: float = 0.2, rotate_frac_max: float = 1, aniso_std: float = 0.2,
                  aniso_rotate_prob: float = 0.5, translate_frac_std: float = 0.125):
-        self.p = float(p)                                     # Overall multiplier for augmentation probability.
-        self.xflip = float(xflip)                             # Probability multiplier for x-flip.
-        self.yflip = float(yflip)                             # Probability multiplier for y-flip.
-        self.rotate_int = float(rotate_int)                   # Probability multiplier for 90-degree rotation.
-        self.translate_int = float(translate_int)             # Probability multiplier for integer translation.
-        self.translate_int_max = float(translate_int_max)     # Range of integer translation, fraction of image size.
-        self.scale = float(scale)                             # Probability multiplier for isotropic scaling.
-        self.rotate_frac = float(rotate_frac)                 # Probability multiplier for arbitrary rotation.
-        self.aniso = float(aniso)                             # Probability multiplier for anisotropic scaling.
-        self.translate_frac = float(translate_frac)           # Probability multiplier for fractional translation.
-        self.scale_std = float(scale_std)                     # Log2 standard deviation of isotropic scaling.
-        self.rotate_frac_max = float(rotate_frac_max)         # Range of rotation, 1 = full circle.
-        self.aniso_std = float(aniso_std)                     # Log2 standard deviation of anisotropic scaling.
-        self.aniso_rotate_prob = float(aniso_rotate_prob)     # Probability of anisotropic scaling in a rotated frame.
-        self.translate_frac_std = float(translate_frac_std)   # Standard deviation of translation, fraction of image size.
+        # Probability multipliers (times p) of each transform, then the spread of the fractional ones: scale and
+        # aniso as log2 std, rotate_frac_max in full turns, translations as fractions of the image size.
+        self.p, self.xflip, self.yflip, self.rotate_int, self.translate_int = map(float, (p, xflip, yflip, rotate_int, translate_int))
+        self.scale, self.rotate_frac, self.aniso, self.translate_frac = map(float, (scale, rotate_frac, aniso, translate_frac))
+        self.translate_int_max, self.scale_std, self.rotate_frac_max = map(float, (translate_int_max, scale_std, rotate_frac_max))
+        self.aniso_std, self.aniso_rotate_prob, self.translate_frac_std = map(float, (aniso_std, aniso_rotate_prob, translate_frac_std))
 
     def __call__(self, images: torch.Tensor, rnd: BatchRandom | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         N, C, H, W = images.shape
