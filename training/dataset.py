@@ -69,12 +69,16 @@ class ImageFiles:
         self.all_names = set(names)
         self.names = sorted(n for n in names if n.lower().endswith(IMAGE_EXTENSIONS) and not n.split('/')[-1].startswith('.'))
         self._zip = None
+        self._zip_pid = None
 
     def open(self, name: str) -> BinaryIO:
         if self.kind == 'folder':
             return open(os.path.join(self.path, name), 'rb')
-        if self._zip is None:
+        if self._zip is None or self._zip_pid != os.getpid():
+            # A forked DataLoader worker inherits the parent's handle and its file offset: reading through it
+            # from several processes at once corrupts the reads, so every process opens its own.
             self._zip = zipfile.ZipFile(self.path)
+            self._zip_pid = os.getpid()
         return self._zip.open(name, 'r')
 
     def read_json(self, name: str = 'dataset.json') -> dict | None:
