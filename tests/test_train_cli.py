@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 import train
-from tests.test_training_loop import make_image_folder, tiny_options
+from tests.test_training_loop import make_image_folder, one_thread, tiny_options  # noqa: F401 (one_thread: autouse fixture)
 from training import training_loop
 
 #----------------------------------------------------------------------------

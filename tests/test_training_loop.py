@@ -50,6 +50,15 @@ def tiny_options(data: str, **overrides) -> dict:
     return opts
 
 
+@pytest.fixture(scope='module', autouse=True)
+def one_thread():
+    """Tiny networks run fastest on one thread, and a busy machine is not oversubscribed."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 @pytest.fixture(scope='module')
 def data(tmp_path_factory) -> str:
     return make_image_folder(tmp_path_factory.mktemp('data') / 'images')
