@@ -292,3 +292,15 @@ def test_rerun_with_other_options_refused(run_a, data):
 def test_help_mentions_units_and_pickles():
     text = sfbd_cli.main.get_help(click.Context(sfbd_cli.main))
     assert '[-1, 1]' in text and 'pickle can run code' in text and '--cbase' in text
+
+
+def test_more_iterations_extend_a_finished_run(run_a, data, tmp_path):
+    run_c = tmp_path / 'run'
+    shutil.copytree(run_a['dir'], run_c)
+    _BatchSpy.runs = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(training_loop, 'BatchOrder', _BatchSpy)
+        run_cli(cli_args(data, run_c, '--iters=3'))
+    assert len(_BatchSpy.runs) == 1  # only fine-tune 3 trained: pretraining and iterations 1, 2 were done
+    assert [r['k'] for r in read_records(run_c)] == [0, 1, 2, 3]
+    assert read_records(run_c)[:3] == read_records(run_a['dir'])

@@ -1,6 +1,5 @@
 """SFBD (Algorithm 1): pretrain on the clean set, then for k = 1..K denoise the noisy set with model k-1 and fine-tune on the result."""
 
-import contextlib
 import json
 import math
 import os
@@ -30,7 +29,7 @@ from training.dataset import ArrayDatasetWriter, json_default, open_dataset, to_
 # trains it further; DONE is JSON {"network": path of model k, "metrics": record} and ends iteration k.
 
 OPTIONS_FILE = 'sfbd_options.json'
-RESUMABLE_CHANGES = ('iters', 'device')  # may differ on a rerun: they change neither any E_k nor any model
+RESUMABLE_CHANGES = ('iters',)  # may differ on a rerun: more iterations extend a finished run
 PLOTTED = {'fid': 'FID (lower is better)', 'denoise_mse': 'denoising MSE, [-1,1] units', 'denoise_psnr': 'denoising PSNR (dB)'}
 
 
@@ -80,8 +79,11 @@ def _check_options_match(run_dir: str, options: dict) -> None:
                         f'{old.get(k)!r} there, {options.get(k)!r} now); rerun the same command or use a new --outdir')
 
 
-def _check_inputs(o: dnnlib.EasyDict) -> tuple[Any, Any, Any, Any]:
-    """Open and cross-check the data sets, the starting network and the FID reference; return them."""
+def _check_inputs(o: dnnlib.EasyDict, device: torch.device) -> tuple[Any, Any, Any | None, Any, Any]:
+    """Open and cross-check the data sets, the originals, the starting network and the FID reference.
+
+    Returns (clean, noisy, originals or None, detector or None, reference or None).
+    """
     if o.iters < 1:
         raise UserError(f'--iters must be at least 1, got {o.iters}')
     if not 0 <= o.clean_mix < 1:
@@ -111,9 +113,9 @@ def _check_inputs(o: dnnlib.EasyDict) -> tuple[Any, Any, Any, Any]:
         del net
     detector = ref = None
     if o.eval_every > 0 and o.fid_ref is not None:
-        detector = metrics.load_detector(o.detector, o.device, image_shape=noisy.image_shape)
+        detector = metrics.load_detector(o.detector, device, image_shape=noisy.image_shape)
         ref = metrics.load_ref(o.fid_ref, expected_dim=detector.feature_dim, detector=detector.name)
-    return clean, noisy, detector, ref
+    return clean, noisy, _originals(noisy), detector, ref
 
 
 def _originals(noisy: Any) -> Any | None:
@@ -308,6 +310,22 @@ def _evaluate(k: int, network: str, o: dnnlib.EasyDict, noisy: Any, originals: A
     return record
 
 
+def _finetune_kwargs(o: dnnlib.EasyDict, ds_kwargs: dict) -> dict:
+    """training_loop options of every fine-tune: the previous network's own architecture (network_kwargs=None),
+    fresh Adam, lr warm-up restarted, no EMA ramp-up (as EDM's --transfer), optionally the clean set mixed in."""
+    ft = dict(o.train_kwargs, network_kwargs=None, ema_rampup_ratio=None, total_kimg=o.finetune_kimg)
+    if o.finetune_lr is not None:
+        adam = dict(class_name='torch.optim.Adam', betas=[0.9, 0.999], eps=1e-8)
+        ft['optimizer_kwargs'] = dict(ft.get('optimizer_kwargs') or adam, lr=o.finetune_lr)
+    if o.finetune_lr_rampup_kimg is not None:
+        ft['lr_rampup_kimg'] = o.finetune_lr_rampup_kimg
+    if o.finetune_ema_halflife_kimg is not None:
+        ft['ema_halflife_kimg'] = o.finetune_ema_halflife_kimg
+    if o.clean_mix > 0:
+        ft.update(mix_dataset_kwargs={**ds_kwargs, 'path': o.clean}, mix_fraction=o.clean_mix)
+    return ft
+
+
 def _finish(k: int, record: dict, records: list[dict], o: dnnlib.EasyDict) -> None:
     """Rank 0 writes metrics.jsonl and metrics.png from all records, then iteration k's DONE marker."""
     records.append(record)
@@ -375,9 +393,9 @@ def run_sfbd(
                         clean_mix=clean_mix, denoise_steps=denoise_steps, denoise_solver=denoise_solver,
                         denoise_batch=denoise_batch, denoise_dtype=denoise_dtype, eval_every=eval_every, eval_num=eval_num,
                         eval_steps=eval_steps, eval_batch=eval_batch, fid_ref=fid_ref, detector=detector, grid_num=grid_num,
-                        strip_num=strip_num, seed=seed, device=str(device))
+                        strip_num=strip_num, seed=seed)
     o = dnnlib.EasyDict(json.loads(json.dumps(o, default=json_default)))  # exactly what sfbd_options.json holds
-    clean_set, noisy_set, det, ref = _check_inputs(o)
+    clean_set, noisy_set, originals, det, ref = _check_inputs(o, device)
     _check_options_match(run_dir, o)
     distributed.barrier()
     if distributed.is_main():
@@ -388,7 +406,6 @@ def run_sfbd(
 
     with dnnlib.util.tee_output(os.path.join(run_dir, 'log.txt') if distributed.is_main() else None):
         sigma_tau = noisy_set.sigma
-        originals = _originals(noisy_set)
         distributed.print0(f'SFBD in {run_dir}: {len(clean_set)} clean and {len(noisy_set)} noisy images '
                            f'({noisy_set.resolution}x{noisy_set.resolution}x{noisy_set.num_channels}), sigma_tau {sigma_tau:g} '
                            f'([-1, 1] units), {o.iters} iteration(s) on {distributed.get_world_size()} process(es)')
@@ -405,18 +422,7 @@ def run_sfbd(
             network = _train(os.path.join(run_dir, 'pretrain'), dataset_kwargs={**ds_kwargs, 'path': o.clean},
                              total_kimg=o.pretrain_kimg, seed=o.seed, **o.train_kwargs)
 
-        # Fine-tuning: the previous network's own architecture, fresh Adam, lr warm-up restarted.
-        ft = dict(o.train_kwargs, network_kwargs=None, ema_rampup_ratio=None, total_kimg=o.finetune_kimg)
-        if o.finetune_lr is not None:
-            ft['optimizer_kwargs'] = dict(ft.get('optimizer_kwargs') or dict(class_name='torch.optim.Adam', betas=[0.9, 0.999], eps=1e-8),
-                                          lr=o.finetune_lr)
-        if o.finetune_lr_rampup_kimg is not None:
-            ft['lr_rampup_kimg'] = o.finetune_lr_rampup_kimg
-        if o.finetune_ema_halflife_kimg is not None:
-            ft['ema_halflife_kimg'] = o.finetune_ema_halflife_kimg
-        if o.clean_mix > 0:
-            ft.update(mix_dataset_kwargs={**ds_kwargs, 'path': o.clean}, mix_fraction=o.clean_mix)
-
+        ft = _finetune_kwargs(o, ds_kwargs)
         records: list[dict] = []
         times: list[float] = []
         for k in range(o.iters + 1):
@@ -430,7 +436,10 @@ def run_sfbd(
             if k > 0:
                 distributed.print0(f'\n=== SFBD iteration {k}/{o.iters}: denoise with {_relative(run_dir, network)}, then fine-tune ===')
                 denoised = os.path.join(d, 'denoised')
-                if not _main_reads_json(os.path.join(denoised, 'dataset.json')):
+                if _main_reads_json(os.path.join(denoised, 'dataset.json')):
+                    if distributed.is_main():
+                        shutil.rmtree(denoised + '.parts', ignore_errors=True)  # a kill between merge and clean-up
+                else:
                     meta = dict(sfbd_iteration=k, denoised_from=o.noisy, sigma_tau=sigma_tau, solver=o.denoise_solver,
                                 num_steps=o.denoise_steps, seed=o.seed, network=_relative(run_dir, network),
                                 **{key: noisy_set.metadata.get(key) for key in ('source', 'source_indices', 'originals')})
