@@ -5,7 +5,7 @@ import math
 import os
 import shutil
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -149,6 +149,17 @@ def _train(train_dir: str, **kwargs: Any) -> str:
     distributed.barrier()
     return snapshot
 
+def _progress(total: int, mine: int, desc: str) -> Callable[[int], None]:
+    """update(n) for rank 0's share of `mine` items, shown as progress over all `total` items (ranks keep pace)."""
+    progress = dnnlib.util.Progress(total, desc, enabled=distributed.is_main())
+    seen = 0
+
+    def update(n: int) -> None:
+        nonlocal seen
+        seen += n
+        progress.update(round(seen * total / max(mine, 1)) - progress.done)
+    return update
+
 #----------------------------------------------------------------------------
 # Backward denoising: E_k from the noisy set, sharded, resumable, independent of the number of processes.
 
@@ -181,8 +192,7 @@ def denoise_dataset(net: torch.nn.Module, noisy: Any, dest: str, *, sigma_tau: f
         os.makedirs(parts_dir, exist_ok=True)
     distributed.barrier()
     denoise = sampler.net_denoiser(net)
-    world = distributed.get_world_size()
-    progress = dnnlib.util.Progress(n, f'Denoising E_{k}', enabled=distributed.is_main())
+    progress = _progress(n, sum(stop - start for start, stop in mine), f'Denoising E_{k}')
     for start, stop in mine:
         path = _chunk_path(parts_dir, start, stop)
         if not os.path.isfile(path):
@@ -193,7 +203,7 @@ def denoise_dataset(net: torch.nn.Module, noisy: Any, dest: str, *, sigma_tau: f
                                         randn_like=rnd.randn_like, round_sigma=net.round_sigma)
             with dnnlib.util.atomic_write(path) as f:
                 np.save(f, _to_storage(x, dtype))
-        progress.update((stop - start) * world)  # rank 0 extrapolates from its own shard
+        progress(stop - start)
     distributed.barrier()
     if distributed.is_main():
         with ArrayDatasetWriter(dest, n, noisy.image_shape, dtype, metadata, overwrite=True) as writer:
@@ -296,12 +306,12 @@ def _evaluate(k: int, network: str, o: dnnlib.EasyDict, noisy: Any, originals: A
     if distributed.is_main() and o.grid_num > 0:
         save_samples(os.path.join(d, 'samples.png'), net, o.grid_num, sampler_kwargs, device)
     if detector is not None and (k % o.eval_every == 0 or k == o.iters):
-        progress = dnnlib.util.Progress(o.eval_num, f'Generating for FID of model {k}', enabled=distributed.is_main())
+        progress = _progress(o.eval_num, len(distributed.shard(o.eval_num)), f'Generating for FID of model {k}')
 
         def batches() -> Iterator[torch.Tensor]:
             for seeds, images in generation.generate_images(net, range(o.eval_num), batch_size=o.eval_batch, device=device,
                                                             sampler_kwargs=sampler_kwargs):
-                progress.update(len(seeds) * distributed.get_world_size())
+                progress(len(seeds))
                 yield images
         record['fid'] = metrics.fid_from_stats(metrics.compute_feature_stats(batches(), detector), ref)
         record.update(fid_detector=detector.name, fid_num=o.eval_num)
