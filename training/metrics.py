@@ -49,19 +49,16 @@ class PickleDetector(Detector):
                 # Probe once; this also rejects pickles that are not detectors with a clear message.
                 c, h, w = image_shape or (3, 64, 64)
                 try:
-                    feature_dim = self.features(torch.zeros([1, c, h, w], dtype=torch.uint8, device=device)).shape[1]
+                    feature_dim = self(torch.zeros([1, c, h, w], dtype=torch.uint8, device=device)).shape[1]
                 except Exception as e:
                     raise UserError(f'Detector {name} failed on a test batch (expected net(uint8 NCHW, return_features=True) '
                                     f'-> [N, D]): {type(e).__name__}: {e}')
         super().__init__(name, feature_dim, device)
 
-    def features(self, images: torch.Tensor) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
         if images.shape[1] == 1:
             images = images.repeat([1, 3, 1, 1])  # grey images as RGB, as EDM does
         return self.net(images, return_features=True).reshape(images.shape[0], -1)
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        return self.features(images)
 
 
 class PixelsDetector(Detector):
