@@ -14,7 +14,7 @@ import dnnlib
 from dnnlib.util import UserError
 from torch_utils import distributed, rng
 from training import checkpoint, generation, metrics, sampler, training_loop
-from training.dataset import ArrayDatasetWriter, json_default, open_dataset, to_model_space
+from training.dataset import ArrayDatasetWriter, Dataset, json_default, open_dataset, to_model_space
 
 #----------------------------------------------------------------------------
 # Run directory layout (docs/ARCHITECTURE.md, "SFBD"):
@@ -79,7 +79,7 @@ def _check_options_match(run_dir: str, options: dict) -> None:
                         f'{old.get(k)!r} there, {options.get(k)!r} now); rerun the same command or use a new --outdir')
 
 
-def _check_inputs(o: dnnlib.EasyDict, device: torch.device) -> tuple[Any, Any, Any | None, Any, Any]:
+def _check_inputs(o: dnnlib.EasyDict, device: torch.device) -> tuple[Dataset, Dataset, Dataset | None, metrics.Detector | None, dict | None]:
     """Open and cross-check the data sets, the originals, the starting network and the FID reference.
 
     Returns (clean, noisy, originals or None, detector or None, reference or None).
@@ -118,7 +118,7 @@ def _check_inputs(o: dnnlib.EasyDict, device: torch.device) -> tuple[Any, Any, A
     return clean, noisy, _originals(noisy), detector, ref
 
 
-def _originals(noisy: Any) -> Any | None:
+def _originals(noisy: Dataset) -> Dataset | None:
     """The clean originals of a simulated noisy set (row i of both is the same image), or None if unknown."""
     path = noisy.metadata.get('originals')
     if not path or not os.path.exists(path):
@@ -149,6 +149,7 @@ def _train(train_dir: str, **kwargs: Any) -> str:
     distributed.barrier()
     return snapshot
 
+
 def _progress(total: int, mine: int, desc: str) -> Callable[[int], None]:
     """update(n) for rank 0's share of `mine` items, shown as progress over all `total` items (ranks keep pace)."""
     progress = dnnlib.util.Progress(total, desc, enabled=distributed.is_main())
@@ -173,7 +174,7 @@ def _to_storage(x: torch.Tensor, dtype: str) -> np.ndarray:
 
 
 @torch.no_grad()
-def denoise_dataset(net: torch.nn.Module, noisy: Any, dest: str, *, sigma_tau: float, num_steps: int, solver: str,
+def denoise_dataset(net: torch.nn.Module, noisy: Dataset, dest: str, *, sigma_tau: float, num_steps: int, solver: str,
                     seed: int, k: int, batch: int, dtype: str = 'uint8', device: torch.device | str = 'cpu',
                     metadata: dict | None = None) -> str:
     """Backward-denoise every image of `noisy` with `net` into the array dataset `dest` (E_k); collective.
@@ -218,7 +219,7 @@ def denoise_dataset(net: torch.nn.Module, noisy: Any, dest: str, *, sigma_tau: f
 #----------------------------------------------------------------------------
 # Evaluation.
 
-def denoising_error(denoised: Any, originals: Any) -> dict[str, float]:
+def denoising_error(denoised: Dataset, originals: Dataset) -> dict[str, float]:
     """MSE of E_k against the originals in [-1, 1] units, and PSNR = 10 log10(2^2 / MSE) (equal to 8-bit PSNR); collective."""
     total = torch.zeros(2, dtype=torch.float64)
     for i in distributed.shard(len(denoised)):
@@ -241,7 +242,7 @@ def _tile(rows: list[np.ndarray], path: str, pad: int = 1) -> None:
     generation.save_png(path, grid.transpose(2, 0, 1))
 
 
-def save_strip(path: str, noisy: Any, denoised: Any, originals: Any | None, num: int) -> None:
+def save_strip(path: str, noisy: Dataset, denoised: Dataset, originals: Dataset | None, num: int) -> None:
     """PNG with rows noisy | denoised | original (if known) for the first `num` images of the noisy set."""
     idx = range(min(num, len(noisy)))
     rows = [generation.to_uint8(to_model_space(torch.from_numpy(np.stack([ds[i][0] for i in idx])))).numpy()
@@ -288,8 +289,8 @@ def format_summary(records: list[dict]) -> str:
 #----------------------------------------------------------------------------
 # Algorithm 1.
 
-def _evaluate(k: int, network: str, o: dnnlib.EasyDict, noisy: Any, originals: Any | None, detector: Any, ref: Any,
-              device: torch.device) -> dict:
+def _evaluate(k: int, network: str, o: dnnlib.EasyDict, noisy: Dataset, originals: Dataset | None,
+              detector: metrics.Detector | None, ref: dict | None, device: torch.device) -> dict:
     """Metrics and pictures of model k (and of E_k for k >= 1); collective. Returns the metrics record."""
     d = iter_dir(o.run_dir, k)
     net = checkpoint.load_network(network, device=device)
