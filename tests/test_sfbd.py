@@ -172,6 +172,8 @@ def test_every_noisy_index_once_and_chunks_kept(data, tmp_path, monkeypatch):
     e_k = open_dataset(dest)
     np.testing.assert_array_equal(e_k.images, expect)  # row i is noisy image i: none lost, none duplicated
     assert not os.path.exists(dest + '.parts')
+    e_float = open_dataset(sfbd.denoise_dataset(_Identity(), noisy, str(tmp_path / 'F'), dtype='float32', **kwargs))
+    assert e_float.dtype == np.float32 and np.array_equal(e_float.images, noisy.images)
 
 
 def test_one_and_two_processes_give_identical_e1(run_a, data, tmp_path, torchrun):
