@@ -231,7 +231,9 @@ RESOLUTIONS = {'cifar10-ddpmpp': 32, 'celeba64-ncsnpp': 64, 'tiny': 16}  # prese
 def training_kwargs(preset: str) -> dnnlib.EasyDict:
     """train.py's training_loop kwargs (network, loss, augment, optimizer) for a preset with train.py's defaults."""
     import train
-    opts = {p.name: p.default for p in train.main.params}
+    # Options without a default (click's UNSET sentinel) mean "not given", as in train.py: None.
+    opts = {p.name: p.default if isinstance(p.default, (bool, int, float, str, list, tuple, type(None))) else None
+            for p in train.main.params}
     opts.update(dnnlib.cli.load_preset(preset).get('train', {}))
     return train.model_training_kwargs(opts)
 
