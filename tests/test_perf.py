@@ -135,3 +135,24 @@ def test_peak_memory_sees_a_temporary_allocation():
         del buf
     assert during['peak_bytes'] >= before['peak_bytes'] + size * 3 // 4
     assert perf.peak_memory('cpu') > 0
+
+#----------------------------------------------------------------------------
+# The benches stay runnable (structure only; speed claims live in bench/ and docs/PERFORMANCE.md).
+
+def test_benches_run_on_tiny_preset():
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'bench'))
+    import bench_sampler
+    import bench_train
+    import common
+    dev = torch.device('cpu')
+    variants = common.parse_variants('bf16+cl', 'bf16,cl,sdpa,compile,xN')
+    assert [v.name for v in variants] == ['fp32', 'bf16+cl'] and variants[1].bf16 and variants[1].channels_last
+    with pytest.raises(UserError, match='Unknown variant token'):
+        common.parse_variants('fp32,bf17', 'bf16')
+    rows = bench_train.bench_train('tiny', dev, batch=2, iters=1, warmup=1, variants=variants)
+    assert [r['variant'] for r in rows] == ['fp32', 'bf16+cl'] and rows[0]['ratio'] == 1 and rows[1]['images_per_sec'] > 0
+    rows, nfe = bench_sampler.bench_sampler('tiny', dev, batch=2, iters=1, warmup=1, variants=common.parse_variants('x2', 'xN'),
+                                            mode='denoise', num_steps=18, sigma_tau=0.2)
+    assert nfe == 11 and [r['batch'] for r in rows] == [2, 4]
