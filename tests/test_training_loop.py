@@ -41,7 +41,7 @@ def tiny_options(data: str, **overrides) -> dict:
                             encoder_type='standard', decoder_type='standard', channel_mult_noise=1, resample_filter=[1, 1],
                             model_channels=8, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[], dropout=0),
         loss_kwargs=dict(class_name='training.loss.EDMLoss'),
-        optimizer_kwargs=dict(class_name='torch.optim.Adam', lr=2e-3, betas=[0.9, 0.999], eps=1e-8),
+        optimizer_kwargs=dict(class_name='torch.optim.Adam', lr=2e-3, betas=[0.9, 0.999], eps=1e-8, fused=True),
         data_loader_kwargs=dict(num_workers=0),
         seed=1, batch_size=8, total_kimg=0.064, kimg_per_tick=0.016, snapshot_ticks=1, state_dump_ticks=2,
         ema_halflife_kimg=0.02, lr_rampup_kimg=0.016,
@@ -161,6 +161,40 @@ def test_bf16_autocast_gives_a_close_loss(tmp_path, data, monkeypatch):
     assert loss['bf16'] == pytest.approx(loss['fp32'], rel=0.02)
 
 
+def test_channels_last_gives_the_same_training(tmp_path, data, monkeypatch):
+    prepared = []
+    real = perf.prepare_for_training
+
+    def spy(net, channels_last=False, compile=False):
+        out = real(net, channels_last=channels_last, compile=compile)
+        prepared.append((channels_last, any(p.ndim == 4 and p.is_contiguous(memory_format=torch.channels_last)
+                                            and not p.is_contiguous() for p in net.parameters())))
+        return out
+    monkeypatch.setattr(perf, 'prepare_for_training', spy)
+    opts = tiny_options(data, total_kimg=0.032)
+    tl.training_loop(str(tmp_path / 'contiguous'), **opts)
+    assert prepared and not any(nhwc for _, nhwc in prepared)
+    prepared.clear()
+    tl.training_loop(str(tmp_path / 'cl'), **dict(opts, channels_last=True))
+    assert (True, True) in prepared  # the network trained has NHWC weights
+    loss = {d: json.loads(open(tmp_path / d / 'stats.jsonl').readline())['Loss/loss']['mean'] for d in ['contiguous', 'cl']}
+    assert loss['cl'] == pytest.approx(loss['contiguous'], rel=1e-5)
+    _assert_states(_state(tmp_path / 'contiguous'), _state(tmp_path / 'cl'), exact=False)
+    assert json.load(open(tmp_path / 'cl' / 'training_options.json'))['channels_last'] is True
+
+
+def test_compile_wraps_the_network_not_the_state(tmp_path, data, monkeypatch):
+    compiled = []
+
+    def fake_compile(module):  # stands in for torch.compile (slow, needs a C++ compiler): records what it wraps
+        compiled.append(module)
+        return module
+    monkeypatch.setattr(torch, 'compile', fake_compile)
+    tl.training_loop(str(tmp_path / 'run'), **tiny_options(data, total_kimg=0.016, compile=True))
+    assert len(compiled) == 1 and type(compiled[0]).__name__ == 'EDMPrecond'
+    assert json.load(open(tmp_path / 'run' / 'training_options.json'))['compile'] is True
+
+
 def test_options_file_repeats_the_run(tmp_path, data):
     tl.training_loop(str(tmp_path / 'a'), **tiny_options(data, total_kimg=0.016))
     opts = json.load(open(tmp_path / 'a' / 'training_options.json'))
@@ -205,6 +239,7 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path, data):
     final = tl.training_loop(str(killed), **dict(opts, resume=str(killed), seed=opts['seed'] + 1))  # The state's seed wins.
     _assert_states(_state(tmp_path / 'ref'), _state(killed), exact=True)
     a, b = _state(tmp_path / 'ref')['optimizer'], _state(killed)['optimizer']
+    assert a['param_groups'][0]['fused'] is True and b['param_groups'][0]['fused'] is True  # fused Adam resumes exactly
     for k in a['state']:
         for name in ['exp_avg', 'exp_avg_sq']:
             assert torch.equal(a['state'][k][name], b['state'][k][name])
@@ -227,6 +262,25 @@ def test_resume_rejects_what_is_not_a_training_state(tmp_path, data):
     (tmp_path / 'empty').mkdir()
     with pytest.raises(UserError, match='no training-state'):
         tl.training_loop(str(tmp_path / 'again'), **tiny_options(data, resume=str(tmp_path / 'empty')))
+
+class NoFusedAdam(torch.optim.Adam):
+    """Adam on a device without a fused kernel."""
+
+    def __init__(self, params, fused=None, **kwargs):
+        if fused:
+            raise RuntimeError('`fused=True` requires all the params to be on a supported device')
+        super().__init__(params, **kwargs)
+
+
+def test_fused_optimizer_falls_back(tmp_path, data, capsys):
+    opts = tiny_options(data, total_kimg=0.008)
+    opts['optimizer_kwargs'] = dict(opts['optimizer_kwargs'], class_name='tests.test_training_loop.NoFusedAdam')
+    tl.training_loop(str(tmp_path / 'run'), **opts)
+    assert 'using the unfused one' in capsys.readouterr().out
+    assert not _state(tmp_path / 'run')['optimizer']['param_groups'][0]['fused']
+    opts['optimizer_kwargs']['lr'] = -1  # other errors are not hidden
+    with pytest.raises(ValueError, match='learning rate'):
+        tl.training_loop(str(tmp_path / 'bad'), **opts)
 
 #----------------------------------------------------------------------------
 # Transfer (SFBD's fine-tune start).

@@ -215,6 +215,17 @@ def _set_rng_state(state: dict, device: torch.device) -> bool:
         torch.cuda.set_rng_state(local['cuda'], device)
     return True
 
+
+def _build_optimizer(params: list[torch.nn.Parameter], optimizer_kwargs: dict) -> torch.optim.Optimizer:
+    """The optimizer; fused=True (one kernel per step, a speed option only) is dropped where it is not supported."""
+    try:
+        return dnnlib.util.construct_class_by_name(params=params, **optimizer_kwargs)
+    except (RuntimeError, TypeError) as e:
+        if not optimizer_kwargs.get('fused'):
+            raise
+        distributed.print0(f'No fused {optimizer_kwargs["class_name"]} here ({str(e).splitlines()[0]}); using the unfused one')
+        return dnnlib.util.construct_class_by_name(params=params, **{k: v for k, v in optimizer_kwargs.items() if k != 'fused'})
+
 #----------------------------------------------------------------------------
 
 def training_loop(
@@ -223,7 +234,7 @@ def training_loop(
     dataset_kwargs: dict,                          # training.dataset.open_dataset arguments: path, xflip, use_labels, cache, max_size.
     network_kwargs: dict | None = None,            # class_name + constructor kwargs; None: the --transfer / --resume network's own.
     loss_kwargs: dict | None = None,               # class_name + kwargs of the loss; None: EDMLoss with its defaults.
-    optimizer_kwargs: dict | None = None,          # class_name + kwargs; None: Adam(lr 1e-3, betas 0.9/0.999, eps 1e-8).
+    optimizer_kwargs: dict | None = None,          # class_name + kwargs; None: fused Adam(lr 1e-3, betas 0.9/0.999, eps 1e-8).
     augment_kwargs: dict | None = None,            # class_name + kwargs of the augment pipe; None: no augmentation.
     data_loader_kwargs: dict | None = None,        # torch DataLoader options (num_workers, prefetch_factor).
     mix_dataset_kwargs: dict | None = None,        # Second data set mixed into every batch (SFBD --clean-mix).
@@ -237,6 +248,8 @@ def training_loop(
     lr_rampup_kimg: float = 10000,                 # Learning-rate warm-up in thousands of images (restarts on a fine-tune).
     loss_scaling: float = 1.0,                     # Loss multiplier against fp16 underflow.
     precision: str = 'fp32',                       # 'fp32' | 'bf16' (autocast) | 'auto' | 'fp16' (EDM's network-internal fp16).
+    channels_last: bool = False,                   # Weights and images in channels_last (NHWC) memory format.
+    compile: bool = False,                         # Wrap the network in torch.compile.
     kimg_per_tick: float = 50,                     # Progress line every this many thousands of images.
     snapshot_ticks: int | None = 50,               # Network snapshot (EMA) every this many ticks; None: only the final one.
     state_dump_ticks: int | None = 500,            # Training state every this many ticks; None: only the final one.
@@ -266,7 +279,7 @@ def training_loop(
     if (network_kwargs is None) and (transfer is None) and (resume is None):
         raise UserError('network_kwargs is required unless transferring or resuming')
     loss_kwargs = loss_kwargs or dict(class_name='training.loss.EDMLoss')
-    optimizer_kwargs = optimizer_kwargs or dict(class_name='torch.optim.Adam', lr=1e-3, betas=[0.9, 0.999], eps=1e-8)
+    optimizer_kwargs = optimizer_kwargs or dict(class_name='torch.optim.Adam', lr=1e-3, betas=[0.9, 0.999], eps=1e-8, fused=True)
     resume_path = _resolve_resume(resume) if resume is not None else None
 
     options = dict(run_dir=run_dir, dataset_kwargs=dataset_kwargs, network_kwargs=network_kwargs, loss_kwargs=loss_kwargs,
@@ -274,8 +287,8 @@ def training_loop(
                    mix_dataset_kwargs=mix_dataset_kwargs, mix_fraction=mix_fraction, seed=seed, batch_size=batch_size,
                    batch_gpu=batch_gpu, total_kimg=total_kimg, ema_halflife_kimg=ema_halflife_kimg,
                    ema_rampup_ratio=ema_rampup_ratio, lr_rampup_kimg=lr_rampup_kimg, loss_scaling=loss_scaling,
-                   precision=precision, kimg_per_tick=kimg_per_tick, snapshot_ticks=snapshot_ticks,
-                   state_dump_ticks=state_dump_ticks, keep_last=keep_last,
+                   precision=precision, channels_last=channels_last, compile=compile, kimg_per_tick=kimg_per_tick,
+                   snapshot_ticks=snapshot_ticks, state_dump_ticks=state_dump_ticks, keep_last=keep_last,
                    transfer=transfer if not isinstance(transfer, torch.nn.Module) else f'<{type(transfer).__name__} object>',
                    resume=resume_path, cudnn_benchmark=cudnn_benchmark)
     # Plain JSON types (the state must load with weights_only); training_loop(**options) repeats the run.
@@ -340,6 +353,7 @@ def _train(run_dir: str, o: dict, log_scope: contextlib.ExitStack, resume_path: 
         net = checkpoint.build_network(checkpoint.network_class_name(source), source.init_kwargs)
     checkpoint.check_network_matches(net, dataset.resolution, dataset.num_channels)
     net.train().requires_grad_(True).to(device)
+    net = perf.prepare_for_training(net, channels_last=o['channels_last'])  # EMA and snapshots inherit the format.
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     if source is not None:
         _check_transfer(source, net, 'The transferred network')
@@ -348,7 +362,7 @@ def _train(run_dir: str, o: dict, log_scope: contextlib.ExitStack, resume_path: 
         del source
     loss_fn = dnnlib.util.construct_class_by_name(**o['loss_kwargs'])
     augment_pipe = dnnlib.util.construct_class_by_name(**o['augment_kwargs']) if o['augment_kwargs'] is not None else None
-    optimizer = dnnlib.util.construct_class_by_name(params=net.parameters(), **o['optimizer_kwargs'])
+    optimizer = _build_optimizer(list(net.parameters()), o['optimizer_kwargs'])
     base_lr = o['optimizer_kwargs']['lr']
 
     cur_nimg, cur_tick = 0, 0
@@ -381,6 +395,7 @@ def _train(run_dir: str, o: dict, log_scope: contextlib.ExitStack, resume_path: 
     ddp = net
     if distributed.is_distributed():
         ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == 'cuda' else None)
+    model = perf.prepare_for_training(ddp, compile=o['compile'])  # ddp itself stays for no_sync().
 
     # Data loader: an endless batch sampler starting at this step, so the order survives a resume.
     step = cur_nimg // batch_size
@@ -413,13 +428,13 @@ def _train(run_dir: str, o: dict, log_scope: contextlib.ExitStack, resume_path: 
         step_seed = rng.derive_seed(seed, _KEY_STEP, step)
         for round_idx in range(num_rounds):
             images, labels = next(data_iter)
-            images = images.to(device, non_blocking=True)
+            images = perf.to_channels_last(images.to(device, non_blocking=True), o['channels_last'])
             labels = labels.to(device, non_blocking=True)
             start = rank * batch_gpu_total + round_idx * batch_gpu
             rnd = rng.BatchRandom(step_seed, batch_size, start, start + batch_gpu, device)
             with misc.ddp_sync(ddp, round_idx == num_rounds - 1):
                 with perf.autocast(device, autocast_precision):
-                    loss = loss_fn(net=ddp, images=images, labels=labels, augment_pipe=augment_pipe, rnd=rnd)
+                    loss = loss_fn(net=model, images=images, labels=labels, augment_pipe=augment_pipe, rnd=rnd)
                 training_stats.report('Loss/loss', loss)
                 loss.sum().mul(o['loss_scaling'] / batch_gpu_total).backward()
 
