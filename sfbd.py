@@ -5,7 +5,7 @@ import click
 import dnnlib
 import train
 from dnnlib.cli import config_option
-from torch_utils import distributed
+from torch_utils import distributed, perf
 from training import sfbd
 
 #----------------------------------------------------------------------------
@@ -32,12 +32,14 @@ from training import sfbd
 @click.option('--denoise-solver', help='Backward solver from sigma_tau to 0: ode (Heun, probability flow, as the official code) or sde (reverse-time SDE, as the paper)', type=click.Choice(['ode', 'sde']), default='ode')
 @click.option('--denoise-batch', help='Images per denoising batch; also the unit kept on a resume', metavar='INT', type=click.IntRange(min=1), default=256)
 @click.option('--denoise-dtype', help='Storage of E_k: uint8 (as the official PNGs) or float32 [-1, 1]', type=click.Choice(['uint8', 'float32']), default='uint8')
+@click.option('--denoise-precision', help=f'Arithmetic of the backward sampler: {train.AUTO_HELP}; fp32 = exact reference; bf16 = bf16 autocast  [default: --precision\'s; fp32 with --precision=fp16]', type=click.Choice(list(perf.PRECISIONS)))
 
 # Evaluation.
 @click.option('--eval-every',    help='FID every this many iterations, and of the last model; 0 = never', metavar='INT', type=click.IntRange(min=0), default=1)
 @click.option('--eval-num',      help='Generated images per FID', metavar='INT', type=click.IntRange(min=2), default=50000)
 @click.option('--eval-steps',    help='Heun steps when generating for FID and sample grids', metavar='INT', type=click.IntRange(min=2), default=18)
 @click.option('--eval-batch',    help='Generation batch per process', metavar='INT', type=click.IntRange(min=1), default=64)
+@click.option('--eval-precision', help=f'Arithmetic of FID and sample-grid generation: fp32 = exact reference, FIDs comparable with EDM\'s; {train.AUTO_HELP}; bf16 (faster, FIDs shift slightly)', type=click.Choice(list(perf.PRECISIONS)), default='fp32')
 @click.option('--fid-ref',       help='FID reference statistics (.npz path or URL, e.g. from fid.py ref)  [default: no FID]', metavar='NPZ|URL', type=str)
 @click.option('--detector',      help='FID features: inception, dinov2, pixels (tiny tests only) or a detector pickle (runs code: trusted files only)', metavar='NAME|PKL', type=str, default='inception')
 @click.option('--grid',          help='Images in each iteration\'s samples.png (0 = none)', metavar='INT', type=click.IntRange(min=0), default=64)
@@ -55,8 +57,9 @@ def main(**kwargs) -> None:
     Killed at any point, the same command resumes where it stopped.
 
     The network options below (--arch ... --keep) are train.py's; they apply to pretraining and
-    fine-tuning. Run directory: sfbd_options.json, log.txt, metrics.jsonl, metrics.png, pretrain/,
-    iter-000/ (model 0), iter-KKK/{denoised/, finetune/, samples.png, strip.png, DONE}.
+    fine-tuning (--channels-last and --compile also to denoising and generation). Run directory:
+    sfbd_options.json, log.txt, metrics.jsonl, metrics.png, pretrain/, iter-000/ (model 0),
+    iter-KKK/{denoised/, finetune/, samples.png, strip.png, DONE}.
 
     Examples:
 
@@ -72,15 +75,18 @@ def main(**kwargs) -> None:
     """
     opts = dnnlib.EasyDict(kwargs)
     distributed.init()
+    train_kwargs = train.model_training_kwargs({k: opts[k] for k in train.MODEL_OPTIONS})
+    # EDM's fp16 network casts inside itself; the sampler around it then runs as fp32.
+    denoise_precision = opts.denoise_precision or ('fp32' if train_kwargs['precision'] == 'fp16' else train_kwargs['precision'])
     sfbd.run_sfbd(
-        opts.outdir, clean=opts.clean, noisy=opts.noisy, sigma=opts.sigma, pretrained=opts.pretrained,
-        train_kwargs=train.model_training_kwargs({k: opts[k] for k in train.MODEL_OPTIONS}),
+        opts.outdir, clean=opts.clean, noisy=opts.noisy, sigma=opts.sigma, pretrained=opts.pretrained, train_kwargs=train_kwargs,
         dataset_kwargs=dict(xflip=opts.xflip, cache=opts.cache), pretrain_kimg=opts.pretrain_kimg, iters=opts.iters,
         finetune_kimg=opts.finetune_kimg, finetune_lr=opts.ft_lr, finetune_lr_rampup_kimg=opts.ft_lr_rampup,
         finetune_ema_halflife_kimg=None if opts.ft_ema is None else opts.ft_ema * 1000, clean_mix=opts.clean_mix,
         denoise_steps=opts.denoise_steps, denoise_solver=opts.denoise_solver, denoise_batch=opts.denoise_batch,
-        denoise_dtype=opts.denoise_dtype, eval_every=opts.eval_every, eval_num=opts.eval_num, eval_steps=opts.eval_steps,
-        eval_batch=opts.eval_batch, fid_ref=opts.fid_ref, detector=opts.detector, grid_num=opts.grid,
+        denoise_dtype=opts.denoise_dtype, denoise_precision=perf.resolve_precision(denoise_precision, distributed.device()),
+        eval_every=opts.eval_every, eval_num=opts.eval_num, eval_steps=opts.eval_steps, eval_batch=opts.eval_batch,
+        eval_precision=perf.resolve_precision(opts.eval_precision, distributed.device()), fid_ref=opts.fid_ref, detector=opts.detector, grid_num=opts.grid,
         strip_num=opts.strip, seed=opts.seed)
     distributed.cleanup()
 

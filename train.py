@@ -9,7 +9,7 @@ import click
 import dnnlib
 from dnnlib.cli import config_option
 from dnnlib.util import UserError, parse_int_list
-from torch_utils import distributed
+from torch_utils import distributed, perf
 from training import training_loop
 
 # Network architectures (EDM's table); --cbase, --cres, --blocks, --attn override.
@@ -55,21 +55,27 @@ def _next_run_dir(outdir: str, desc: str) -> str:
 
 # main()'s options that describe the network and how to train it; sfbd.py offers the same ones.
 MODEL_OPTIONS = ('arch', 'precond', 'batch', 'batch_gpu', 'cbase', 'cres', 'blocks', 'attn', 'lr', 'lr_rampup', 'ema',
-                 'dropout', 'augment', 'precision', 'fp16', 'ls', 'bench', 'workers', 'tick', 'snap', 'dump', 'keep')
+                 'dropout', 'augment', 'precision', 'fp16', 'channels_last', 'compile', 'ls', 'bench', 'workers', 'tick',
+                 'snap', 'dump', 'keep')
+
+AUTO_HELP = 'auto = bf16 where it is native (CUDA Ampere or newer; CPUs with AMX or avx512_bf16), else fp32'
+PRECISION_HELP = (f'{AUTO_HELP}; fp32 = the exact reference mode (EDM\'s arithmetic, TF32 off); bf16 = bf16 autocast '
+                  '(fp32 with a warning where not native); fp16 = EDM\'s fp16 network')
 
 
 def resolve_precision(precision: str, fp16: bool) -> str:
-    """--precision, with EDM's --fp16=True as an alias for fp16."""
-    if not fp16:
-        return precision
-    if precision not in ('fp32', 'fp16'):
+    """--precision as this process's device runs it: 'fp32', 'bf16' or 'fp16' (also EDM's --fp16=True)."""
+    if fp16 and precision not in ('auto', 'fp32', 'fp16'):
         raise UserError(f'--fp16 contradicts --precision={precision}')
-    return 'fp16'
+    if fp16 or precision == 'fp16':
+        return 'fp16'
+    return perf.resolve_precision(precision, distributed.device())
 
 
 def model_training_kwargs(opts: dict) -> dict:
     """training_loop arguments from the MODEL_OPTIONS values: network, loss, optimizer, augmentation, batch,
-    EMA, lr warm-up, precision and bookkeeping (no data set, duration, seed or starting weights)."""
+    EMA, lr warm-up, precision ('auto' resolved here), fast path and bookkeeping (no data set, duration, seed
+    or starting weights)."""
     opts = dnnlib.EasyDict(opts)
     precision = resolve_precision(opts.precision, opts.fp16)
     c = dnnlib.EasyDict()
@@ -82,13 +88,14 @@ def model_training_kwargs(opts: dict) -> dict:
             c.network_kwargs[key] = value
     c.network_kwargs.update(dropout=opts.dropout, use_fp16=(precision == 'fp16'))
     c.loss_kwargs = dict(class_name=loss_class)
-    c.optimizer_kwargs = dict(class_name='torch.optim.Adam', lr=opts.lr, betas=[0.9, 0.999], eps=1e-8)
+    c.optimizer_kwargs = dict(class_name='torch.optim.Adam', lr=opts.lr, betas=[0.9, 0.999], eps=1e-8, fused=True)
     if opts.augment > 0:
         c.augment_kwargs = dict(class_name='training.augment.AugmentPipe', p=opts.augment, xflip=1e8, yflip=1, scale=1,
                                 rotate_frac=1, aniso=1, translate_frac=1)
         c.network_kwargs['augment_dim'] = 9
     c.update(batch_size=opts.batch, batch_gpu=opts.batch_gpu, ema_halflife_kimg=opts.ema * 1000,
-             lr_rampup_kimg=opts.lr_rampup, loss_scaling=opts.ls, precision=precision, cudnn_benchmark=opts.bench,
+             lr_rampup_kimg=opts.lr_rampup, loss_scaling=opts.ls, precision=precision, channels_last=opts.channels_last,
+             compile=opts.compile, cudnn_benchmark=opts.bench,
              kimg_per_tick=opts.tick, snapshot_ticks=opts.snap, state_dump_ticks=opts.dump, keep_last=opts.keep)
     return c
 
@@ -122,8 +129,10 @@ def model_training_kwargs(opts: dict) -> dict:
 @click.option('--mix-fraction', help='Share of each batch from --mix-data: round(f * batch) images', metavar='FLOAT', type=click.FloatRange(min=0, max=1), default=0)
 
 # Performance.
-@click.option('--precision',    help='fp32; bf16 autocast (auto: bf16 where native); fp16 = EDM\'s fp16 network', type=click.Choice(['fp32', 'bf16', 'auto', 'fp16']), default='fp32')
+@click.option('--precision',    help=f'Arithmetic of training: {PRECISION_HELP}', type=click.Choice(['auto', 'fp32', 'bf16', 'fp16']), default='auto')
 @click.option('--fp16',         help='EDM\'s alias for --precision=fp16', metavar='BOOL',                   type=bool, default=False)
+@click.option('--channels-last', help='Weights and images in channels_last (NHWC) memory format', metavar='BOOL', type=bool, default=False)
+@click.option('--compile',      help='Wrap the network in torch.compile (slow first steps)', metavar='BOOL', type=bool, default=False)
 @click.option('--ls',           help='Loss scaling', metavar='FLOAT',                                       type=click.FloatRange(min=0, min_open=True), default=1)
 @click.option('--bench',        help='Enable cuDNN benchmarking', metavar='BOOL',                           type=bool, default=True)
 @click.option('--cache',        help='Cache the data set in CPU memory', metavar='BOOL',                    type=bool, default=True)

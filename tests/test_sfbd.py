@@ -12,8 +12,10 @@ import pytest
 import torch
 
 import dataset_tool
+import dnnlib
 import sfbd as sfbd_cli
 from tests.conftest import run_python
+from torch_utils import perf
 from training import checkpoint, generation, metrics, sampler, sfbd, training_loop
 from training.dataset import open_dataset, to_model_space
 from training.networks import EDMPrecond
@@ -47,8 +49,9 @@ def data(tmp_path_factory) -> dict:
 
 
 def cli_args(data: dict, outdir, *extra: str) -> list[str]:
-    """The tiny preset, two iterations, short phases; states dumped every 4 steps so a resume has one."""
-    return ['--config=tiny', f'--outdir={outdir}', f'--clean={data["clean"]}', f'--noisy={data["noisy"]}',
+    """The tiny preset, two iterations, short phases; states dumped every 4 steps so a resume has one; fp32
+    throughout (the exact reference mode: the byte-equality checks below compare runs)."""
+    return ['--config=tiny', '--precision=fp32', f'--outdir={outdir}', f'--clean={data["clean"]}', f'--noisy={data["noisy"]}',
             f'--fid-ref={data["ref"]}', '--detector=pixels', '--pretrain-kimg=1', '--iters=2', '--finetune-kimg=0.128',
             '--tick=0.032', '--dump=2', '--denoise-steps=8', '--denoise-batch=12', '--eval-num=128', '--eval-steps=8',
             '--grid=16', '--strip=6', *extra]
@@ -118,7 +121,7 @@ def test_end_to_end_metrics_and_plots(run_a, data):
     for k in (1, 2):
         e_k = open_dataset(os.path.join(run_dir, f'iter-{k:03d}', 'denoised'))
         assert len(e_k) == NUM_NOISY and e_k.dtype == np.uint8 and e_k.sigma is None
-        assert e_k.metadata['sfbd_iteration'] == k and e_k.metadata['source_indices'] == noisy.metadata['source_indices']
+        assert e_k.metadata['sfbd_iteration'] == k and e_k.metadata['precision'] == 'fp32' and e_k.metadata['source_indices'] == noisy.metadata['source_indices']
         assert not os.path.exists(os.path.join(run_dir, f'iter-{k:03d}', 'denoised.parts'))
 
 
@@ -289,6 +292,30 @@ def test_rerun_with_other_options_refused(run_a, data):
     with pytest.raises(click.ClickException, match='other options') as e:
         run_cli(cli_args(data, run_a['dir'], '--finetune-kimg=0.5'))
     assert 'finetune_kimg' in e.value.format_message()
+
+
+def test_precision_options(data, tmp_path, monkeypatch):
+    """--precision=auto (the default) resolves for this machine; denoising follows it unless told; FID sampling stays fp32."""
+    from tests.test_train_cli import native_bf16
+    calls = []
+    monkeypatch.setattr(sfbd_cli.sfbd, 'run_sfbd', lambda run_dir, **kwargs: calls.append(kwargs))
+    base = [a for a in cli_args(data, tmp_path) if a != '--precision=fp32']
+    for extra in [[], ['--precision=fp32'], ['--fp16=1'], ['--denoise-precision=fp32', '--eval-precision=auto', '--channels-last=1']]:
+        run_cli(base + extra)
+    got = [(c['train_kwargs']['precision'], c['denoise_precision'], c['eval_precision']) for c in calls]
+    auto = native_bf16()
+    assert got == [(auto, auto, 'fp32'), ('fp32', 'fp32', 'fp32'), ('fp16', 'fp32', 'fp32'), (auto, 'fp32', auto)]
+    assert calls[-1]['train_kwargs']['channels_last'] is True and calls[0]['train_kwargs']['channels_last'] is False
+
+
+def test_inference_network_follows_the_options(run_a, monkeypatch):
+    """Denoising and sampling get the network prepared with the run's precision and train_kwargs' channels_last."""
+    monkeypatch.setattr(perf, 'device_has_bf16', lambda device: True)
+    network = os.path.join(run_a['dir'], 'pretrain', 'network-snapshot-000001.pt')
+    o = dnnlib.EasyDict(train_kwargs=dict(channels_last=True))
+    net = sfbd._inference_net(network, 'bf16', o, torch.device('cpu'))
+    assert isinstance(net, perf.FastInference) and net.bf16 and net.channels_last and not net.training
+    assert not sfbd._inference_net(network, 'fp32', dnnlib.EasyDict(train_kwargs={}), torch.device('cpu')).training
 
 
 def test_help_mentions_units_and_pickles():

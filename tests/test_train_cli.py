@@ -8,6 +8,7 @@ from click.testing import CliRunner
 
 import train
 from tests.test_training_loop import make_image_folder, one_thread, tiny_options  # noqa: F401 (one_thread: autouse fixture)
+from torch_utils import perf
 from training import training_loop
 
 #----------------------------------------------------------------------------
@@ -29,6 +30,14 @@ def _dry_options(*args: str) -> dict:
     return json.loads(text)
 
 
+def native_bf16() -> str:
+    """What --precision=auto must give on this CPU, read from /proc/cpuinfo here rather than from perf."""
+    flags = set()
+    if os.path.isfile('/proc/cpuinfo'):
+        flags = {f for line in open('/proc/cpuinfo') if line.startswith('flags') for f in line.split(':', 1)[1].split()}
+    return 'bf16' if flags & {'amx_bf16', 'avx512_bf16'} else 'fp32'
+
+
 def _one_line_error(res, match: str) -> None:
     assert res.exit_code == 1 and 'Traceback' not in res.output, res.output
     lines = [line for line in res.output.splitlines() if line.startswith('Error:')]
@@ -43,7 +52,8 @@ def test_dry_run_writes_nothing(tmp_path, data):
     assert c['network_kwargs']['num_blocks'] == 1 and c['network_kwargs']['attn_resolutions'] == []
 
 
-def test_flags_beat_the_preset(tmp_path, data):
+def test_flags_beat_the_preset(tmp_path, data, monkeypatch):
+    monkeypatch.setattr(perf, 'device_has_bf16', lambda device: True)  # explicit bf16 stays bf16 where native
     c = _dry_options('--config=tiny', '--batch=8', '--cbase=4', '--attn=4', '--precision=bf16', f'--outdir={tmp_path}', f'--data={data}')
     assert c['batch_size'] == 8 and c['network_kwargs']['model_channels'] == 4
     assert c['network_kwargs']['attn_resolutions'] == [4] and c['precision'] == 'bf16'
@@ -68,12 +78,31 @@ def test_paper_presets(tmp_path, data):
     assert adm['loss_kwargs']['class_name'] == 'training.loss.VPLoss' and adm['precision'] == 'fp16'
 
 
+def test_precision_auto_resolves_for_this_machine(tmp_path, data, monkeypatch):
+    args = ('--config=tiny', f'--outdir={tmp_path}', f'--data={data}')
+    c = _dry_options(*args)
+    assert c['precision'] == native_bf16() and c['channels_last'] is False and c['compile'] is False
+    assert c['optimizer_kwargs'] == dict(class_name='torch.optim.Adam', lr=2e-3, betas=[0.9, 0.999], eps=1e-8, fused=True)
+    assert _dry_options(*args, '--precision=fp32')['precision'] == 'fp32'
+    assert _dry_options(*args, '--fp16=1')['precision'] == 'fp16'
+    monkeypatch.setattr(perf, 'device_has_bf16', lambda device: False)
+    assert _dry_options(*args)['precision'] == 'fp32'
+    with pytest.warns(UserWarning, match='no native bf16'):
+        assert _dry_options(*args, '--precision=bf16')['precision'] == 'fp32'
+    monkeypatch.setattr(perf, 'device_has_bf16', lambda device: True)
+    c = _dry_options(*args, '--channels-last=1', '--compile=1')
+    assert c['precision'] == 'bf16' and c['channels_last'] is True and c['compile'] is True
+    text = ' '.join(_run('--help').output.split())
+    assert 'auto = bf16 where it is native' in text and 'fp32 = the exact reference mode' in text and '[default: auto]' in text
+
+
 def test_tiny_run_makes_numbered_run_directories(tmp_path, data):
     for expected in ['00000', '00001']:
         res = _run('--config=tiny', f'--outdir={tmp_path}', f'--data={data}', '--duration=0.00005', '--seed=3', '--desc=x')
         assert res.exit_code == 0, res.output
     runs = sorted(os.listdir(tmp_path))
-    assert runs == ['00000-images-uncond-ddpmpp-edm-gpus1-batch16-fp32-x', '00001-images-uncond-ddpmpp-edm-gpus1-batch16-fp32-x']
+    p = native_bf16()  # the default --precision=auto
+    assert runs == [f'00000-images-uncond-ddpmpp-edm-gpus1-batch16-{p}-x', f'00001-images-uncond-ddpmpp-edm-gpus1-batch16-{p}-x']
     files = set(os.listdir(tmp_path / runs[0]))
     assert {'training_options.json', 'log.txt', 'stats.jsonl', 'network-snapshot-000000.pt', 'training-state-000000.pt'} <= files
     log = (tmp_path / runs[0] / 'log.txt').read_text()

@@ -12,7 +12,7 @@ import torch
 
 import dnnlib
 from dnnlib.util import UserError
-from torch_utils import distributed, rng
+from torch_utils import distributed, perf, rng
 from training import checkpoint, generation, metrics, sampler, training_loop
 from training.dataset import ArrayDatasetWriter, Dataset, json_default, open_dataset, to_model_space
 
@@ -289,11 +289,18 @@ def format_summary(records: list[dict]) -> str:
 #----------------------------------------------------------------------------
 # Algorithm 1.
 
+def _inference_net(network: str, precision: str, o: dnnlib.EasyDict, device: torch.device) -> torch.nn.Module:
+    """`network` loaded for denoising or sampling: `precision`, and train_kwargs' channels_last and compile."""
+    return perf.prepare_for_inference(checkpoint.load_network(network, device=device), precision=precision,
+                                      channels_last=o.train_kwargs.get('channels_last', False),
+                                      compile=o.train_kwargs.get('compile', False))
+
+
 def _evaluate(k: int, network: str, o: dnnlib.EasyDict, noisy: Dataset, originals: Dataset | None,
               detector: metrics.Detector | None, ref: dict | None, device: torch.device) -> dict:
     """Metrics and pictures of model k (and of E_k for k >= 1); collective. Returns the metrics record."""
     d = iter_dir(o.run_dir, k)
-    net = checkpoint.load_network(network, device=device)
+    net = _inference_net(network, o.eval_precision, o, device)
     record: dict[str, Any] = dict(k=k, network=_relative(o.run_dir, network))
     if k > 0:
         denoised = open_dataset(os.path.join(d, 'denoised'))
@@ -326,7 +333,7 @@ def _finetune_kwargs(o: dnnlib.EasyDict, ds_kwargs: dict) -> dict:
     fresh Adam, lr warm-up restarted, no EMA ramp-up (as EDM's --transfer), optionally the clean set mixed in."""
     ft = dict(o.train_kwargs, network_kwargs=None, ema_rampup_ratio=None, total_kimg=o.finetune_kimg)
     if o.finetune_lr is not None:
-        adam = dict(class_name='torch.optim.Adam', betas=[0.9, 0.999], eps=1e-8)
+        adam = dict(class_name='torch.optim.Adam', betas=[0.9, 0.999], eps=1e-8, fused=True)
         ft['optimizer_kwargs'] = dict(ft.get('optimizer_kwargs') or adam, lr=o.finetune_lr)
     if o.finetune_lr_rampup_kimg is not None:
         ft['lr_rampup_kimg'] = o.finetune_lr_rampup_kimg
@@ -369,10 +376,12 @@ def run_sfbd(
     denoise_solver: str = 'ode',               # 'ode' (Heun, probability flow; official code) or 'sde' (reverse SDE).
     denoise_batch: int = 256,                  # Images per denoising chunk (also the unit of resumption).
     denoise_dtype: str = 'uint8',              # Storage of E_k: 'uint8' (as the official PNGs) or 'float32'.
+    denoise_precision: str = 'fp32',           # 'fp32' | 'bf16' | 'auto' (perf.resolve_precision) of the backward sampler.
     eval_every: int = 1,                       # FID every this many iterations (and of the last model); 0: never.
     eval_num: int = 50000,                     # Generated images per FID.
     eval_steps: int = 18,                      # Heun steps when generating for FID and sample grids.
     eval_batch: int = 64,                      # Generation batch per process.
+    eval_precision: str = 'fp32',              # 'fp32' (FIDs comparable with EDM's) | 'bf16' | 'auto' of that generation.
     fid_ref: str | None = None,                # Reference statistics (.npz path or URL); None: no FID.
     detector: str = 'inception',               # FID feature detector (training.metrics.load_detector).
     grid_num: int = 64,                        # Images in each samples.png; 0: none.
@@ -395,6 +404,9 @@ def run_sfbd(
         raise UserError(f"Unknown --denoise-solver {denoise_solver!r}: use 'ode' or 'sde'")
     if denoise_dtype not in ('uint8', 'float32'):
         raise UserError(f"Unknown --denoise-dtype {denoise_dtype!r}: use 'uint8' or 'float32'")
+    for name, value in [('--denoise-precision', denoise_precision), ('--eval-precision', eval_precision)]:
+        if value not in perf.PRECISIONS:
+            raise UserError(f'Unknown {name} {value!r}: use one of {", ".join(perf.PRECISIONS)}')
     for key in ('dataset_kwargs', 'total_kimg', 'seed', 'transfer', 'resume', 'mix_dataset_kwargs', 'mix_fraction'):
         assert key not in train_kwargs, key
     o = dnnlib.EasyDict(clean=os.path.abspath(clean), noisy=os.path.abspath(noisy), train_kwargs=train_kwargs,
@@ -402,8 +414,9 @@ def run_sfbd(
                         iters=iters, finetune_kimg=finetune_kimg, finetune_lr=finetune_lr,
                         finetune_lr_rampup_kimg=finetune_lr_rampup_kimg, finetune_ema_halflife_kimg=finetune_ema_halflife_kimg,
                         clean_mix=clean_mix, denoise_steps=denoise_steps, denoise_solver=denoise_solver,
-                        denoise_batch=denoise_batch, denoise_dtype=denoise_dtype, eval_every=eval_every, eval_num=eval_num,
-                        eval_steps=eval_steps, eval_batch=eval_batch, fid_ref=fid_ref, detector=detector, grid_num=grid_num,
+                        denoise_batch=denoise_batch, denoise_dtype=denoise_dtype, denoise_precision=denoise_precision,
+                        eval_every=eval_every, eval_num=eval_num, eval_steps=eval_steps, eval_batch=eval_batch,
+                        eval_precision=eval_precision, fid_ref=fid_ref, detector=detector, grid_num=grid_num,
                         strip_num=strip_num, seed=seed)
     o = dnnlib.EasyDict(json.loads(json.dumps(o, default=json_default)))  # exactly what sfbd_options.json holds
     clean_set, noisy_set, originals, det, ref = _check_inputs(o, device)
@@ -453,10 +466,11 @@ def run_sfbd(
                 else:
                     meta = dict(sfbd_iteration=k, denoised_from=o.noisy, sigma_tau=sigma_tau, solver=o.denoise_solver,
                                 num_steps=o.denoise_steps, seed=o.seed, network=_relative(run_dir, network),
+                                precision=perf.resolve_precision(o.denoise_precision, device),
                                 **{key: noisy_set.metadata.get(key) for key in ('source', 'source_indices', 'originals')})
-                    denoise_dataset(checkpoint.load_network(network, device=device), noisy_set, denoised, sigma_tau=sigma_tau,
-                                    num_steps=o.denoise_steps, solver=o.denoise_solver, seed=o.seed, k=k,
-                                    batch=o.denoise_batch, dtype=o.denoise_dtype, device=device, metadata=meta)
+                    denoise_dataset(_inference_net(network, o.denoise_precision, o, device), noisy_set, denoised,
+                                    sigma_tau=sigma_tau, num_steps=o.denoise_steps, solver=o.denoise_solver, seed=o.seed,
+                                    k=k, batch=o.denoise_batch, dtype=o.denoise_dtype, device=device, metadata=meta)
                 network = _train(os.path.join(d, 'finetune'), dataset_kwargs={**ds_kwargs, 'path': denoised},
                                  transfer=network, seed=o.seed + k, **ft)
             record = _evaluate(k, network, o, noisy_set, originals, det, ref, device)
