@@ -3,8 +3,8 @@
 import click
 import numpy as np
 
-from generate import NETWORK_HELP, sampler_options
-from torch_utils import distributed
+from generate import NETWORK_HELP, fast_path_options, sampler_options
+from torch_utils import distributed, perf
 from training import checkpoint, metrics
 
 DETECTOR_HELP = ("Feature detector: inception (EDM's Inception-v3 pickle, downloaded once; the default for published FIDs), "
@@ -74,16 +74,19 @@ def calc(image_path: str, ref_path: str, num: int, seed: int, detector: str | No
 @click.option('--class', 'class_idx',      help='Class label for every image  [default: random]', metavar='INT', type=click.IntRange(min=0), default=None)
 @click.option('--detector',                help=DETECTOR_HELP + '  [default: the reference file\'s, else inception]', metavar='NAME|PATH', type=str, default=None)
 @click.option('--batch', 'batch_size',     help='Images per batch and process (does not change the images)', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
+@fast_path_options
 @sampler_options
 def gen(network_path: str, ref_path: str, num: int, repeats: int, seed: int, class_idx: int | None, detector: str | None,
-        batch_size: int, **sampler_kwargs) -> None:
+        batch_size: int, precision: str, channels_last: bool, compile: bool, **sampler_kwargs) -> None:
     """FID of a network over --repeats seed sets, generated in memory (no PNGs); EDM reports the minimum of 3."""
     distributed.init()
     device = distributed.device()
     net = checkpoint.load_network(network_path, device=device)
     fids = metrics.calc_network_fids(net, ref_path, num=num, repeats=repeats, seed=seed, detector=detector,
-                                     batch_size=batch_size, device=device, sampler_kwargs=sampler_kwargs, class_idx=class_idx)
-    distributed.print0(f'FID min {min(fids):g} mean {np.mean(fids):g} over {repeats} seed set(s) of {num} images')
+                                     batch_size=batch_size, device=device, sampler_kwargs=sampler_kwargs, class_idx=class_idx,
+                                     precision=precision, channels_last=channels_last, compile=compile)
+    precision = perf.resolve_precision(precision, device)
+    distributed.print0(f'FID min {min(fids):g} mean {np.mean(fids):g} over {repeats} seed set(s) of {num} images ({precision} sampling)')
     distributed.cleanup()
 
 

@@ -4,7 +4,7 @@ import click
 import torch
 
 import dnnlib
-from torch_utils import distributed
+from torch_utils import distributed, perf
 from training import checkpoint, generation
 
 NETWORK_HELP = ('Network: our .pt snapshot/training state, or an official EDM .pkl (a .pkl runs code from the file: '
@@ -29,6 +29,21 @@ def sampler_options(f):
         f = option(f)
     return f
 
+
+def fast_path_options(f):
+    """The network's --precision, --channels-last and --compile options, shared with fid.py gen."""
+    options = [
+        click.option('--precision',     help='Arithmetic of the network: fp32 = exact reference, images and FIDs comparable with EDM\'s; '
+                                             'auto = bf16 where it is native (CUDA Ampere or newer; CPUs with AMX or avx512_bf16), else fp32; '
+                                             'bf16 = bf16 autocast (faster; images differ by a fraction of a grey level on average). FID features are always fp32',
+                     type=click.Choice(list(perf.PRECISIONS)), default='fp32', show_default=True),
+        click.option('--channels-last', help='Network weights and inputs in channels_last (NHWC) memory format', metavar='BOOL', type=bool, default=False, show_default=True),
+        click.option('--compile',       help='Wrap the network in torch.compile (slow first batches)', metavar='BOOL', type=bool, default=False, show_default=True),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
 #----------------------------------------------------------------------------
 
 @click.command(context_settings=dict(help_option_names=['-h', '--help']))
@@ -40,9 +55,10 @@ def sampler_options(f):
 @click.option('--batch', 'batch_size',     help='Images per batch and process (does not change the images)', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
 @click.option('--zip', 'make_zip',         help='Also pack the PNGs into OUTDIR.zip', is_flag=True)
 @click.option('--grid', 'make_grid',       help='Also write a grid of the first 64 images to OUTDIR-grid.png', is_flag=True)
+@fast_path_options
 @sampler_options
 def main(network_path: str, outdir: str, seeds: str, subdirs: bool, class_idx: int | None, batch_size: int,
-         make_zip: bool, make_grid: bool, **sampler_kwargs) -> None:
+         make_zip: bool, make_grid: bool, precision: str, channels_last: bool, compile: bool, **sampler_kwargs) -> None:
     """Generate images with EDM's Heun sampler (optionally with stochastic churn).
 
     Image i depends only on seed i: the same seeds give the same images with any --batch and any
@@ -59,10 +75,12 @@ def main(network_path: str, outdir: str, seeds: str, subdirs: bool, class_idx: i
     device = distributed.device()
     distributed.print0(f'Loading network from {network_path} ...')
     net = checkpoint.load_network(network_path, device=device)
-    distributed.print0(f'Generating {len(seed_list)} images to {outdir} on {distributed.get_world_size()} process(es) ...')
+    distributed.print0(f'Generating {len(seed_list)} images to {outdir} on {distributed.get_world_size()} process(es), '
+                       f'precision {perf.resolve_precision(precision, device)} ...')
     with torch.no_grad():
         generation.generate_to_dir(net, outdir, seed_list, batch_size=batch_size, device=device, sampler_kwargs=sampler_kwargs,
-                                   class_idx=class_idx, subdirs=subdirs, make_zip=make_zip, make_grid=make_grid)
+                                   class_idx=class_idx, subdirs=subdirs, make_zip=make_zip, make_grid=make_grid,
+                                   precision=precision, channels_last=channels_last, compile=compile)
     distributed.print0('Done.')
     distributed.cleanup()
 

@@ -9,7 +9,8 @@ import PIL.Image
 import pytest
 import torch
 
-from training import generation
+from torch_utils import perf
+from training import checkpoint, generation
 
 
 class ToyDenoiser(torch.nn.Module):
@@ -114,6 +115,24 @@ def test_generate_to_dir_names_zip_and_grid(tmp_path):
     assert grid.shape == (2 * 8, 3 * 8, 3)
     assert np.array_equal(grid[8:16, 0:8], expected[1000].permute(1, 2, 0).numpy())
 
+def test_prepared_network_samples_as_the_plain_one(tmp_path, monkeypatch):
+    net_path = tiny_snapshot(str(tmp_path / 'net.pt'))
+    plain = generation.sample_images(checkpoint.load_network(net_path), list(range(6)), num_steps=4)
+    assert perf.prepare_for_inference(net := checkpoint.load_network(net_path), 'fp32') is net  # fp32: the network itself
+    nhwc = generation.sample_images(perf.prepare_for_inference(checkpoint.load_network(net_path), 'fp32', channels_last=True),
+                                    list(range(6)), num_steps=4)
+    torch.testing.assert_close(nhwc, plain, rtol=0, atol=1e-6)
+    assert torch.equal(generation.to_uint8(nhwc), generation.to_uint8(plain))
+    monkeypatch.setattr(perf, 'device_has_bf16', lambda device: True)  # bf16 autocast even where emulated
+    bf16 = generation.sample_images(perf.prepare_for_inference(checkpoint.load_network(net_path), 'bf16'), list(range(6)), num_steps=4)
+    assert not torch.equal(bf16, plain) and (bf16 - plain).abs().max() < 0.02  # rounding, not another image
+    # generate_to_dir applies its options: fp32 + channels_last PNGs are exactly the plain images.
+    generation.generate_to_dir(checkpoint.load_network(net_path), str(tmp_path / 'out'), range(6), batch_size=4,
+                               sampler_kwargs=dict(num_steps=4), precision='fp32', channels_last=True)
+    for seed in range(6):
+        png = np.asarray(PIL.Image.open(tmp_path / 'out' / f'{seed:06d}.png')).transpose(2, 0, 1)
+        assert np.array_equal(png, generation.to_uint8(plain[seed]).numpy()), seed
+
 #----------------------------------------------------------------------------
 # The same seeds with 1 and 2 processes.
 
@@ -149,7 +168,6 @@ def tiny_snapshot(path: str, img_channels: int = 3) -> str:
 def test_generate_cli(tmp_path):
     from click.testing import CliRunner
     import generate
-    from training import checkpoint
     net_path = tiny_snapshot(str(tmp_path / 'net.pt'))
     outdir = str(tmp_path / 'out')
     result = CliRunner().invoke(generate.main, [f'--network={net_path}', f'--outdir={outdir}', '--seeds=0-4,1000',
@@ -160,6 +178,15 @@ def test_generate_cli(tmp_path):
                             sampler_kwargs=dict(num_steps=3, S_churn=1))
     png = np.asarray(PIL.Image.open(os.path.join(outdir, '000000', '000003.png')))
     assert np.array_equal(png, expected[3].permute(1, 2, 0).numpy())
+    prepared = []
+    real = perf.prepare_for_inference
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(perf, 'prepare_for_inference', lambda net, **kw: prepared.append(kw) or real(net, **kw))
+        result = CliRunner().invoke(generate.main, [f'--network={net_path}', f'--outdir={tmp_path / "fast"}', '--seeds=0-1',
+                                                    '--steps=3', '--precision=auto', '--channels-last=1'])
+    assert result.exit_code == 0, result.output
+    assert prepared == [dict(precision='auto', channels_last=True, compile=False)]
     result = CliRunner().invoke(generate.main, [f'--network={tmp_path / "missing.pt"}', f'--outdir={outdir}'])
     assert result.exit_code == 1 and result.output.strip().splitlines()[-1].startswith('Error:'), result.output
-    assert 'only load files you trust' in ' '.join(CliRunner().invoke(generate.main, ['--help']).output.split())
+    text = ' '.join(CliRunner().invoke(generate.main, ['--help']).output.split())
+    assert 'only load files you trust' in text and 'fp32 = exact reference, images and FIDs comparable' in text

@@ -228,3 +228,28 @@ def test_fid_gen_cli_min_and_mean(tmp_path):
     assert words[:2] == ['FID', 'min'] and float(words[2]) == min(fids) and words[3] == 'mean'
     assert float(words[4]) == pytest.approx(np.mean(fids), rel=1e-4)
     assert 'only load files you trust' in ' '.join(invoke(['gen', '--help'])[0].output.split())
+
+
+def test_network_fids_sample_with_the_fast_path_and_fp32_features(tmp_path, monkeypatch):
+    """calc_network_fids runs the network under bf16 autocast when asked, never the detector."""
+    from tests.test_generation import ToyDenoiser
+    from torch_utils import perf
+    monkeypatch.setattr(perf, 'device_has_bf16', lambda device: True)
+    net = ToyDenoiser(img_resolution=4)
+    ref = str(tmp_path / 'ref.npz')
+    write_pngs(tmp_path / 'a', random_images(8, 0))
+    metrics.make_ref(str(tmp_path / 'a'), ref, detector='pixels')
+    autocast_in = {'net': set(), 'detector': set()}
+    net.register_forward_hook(lambda module, args, out: autocast_in['net'].add(torch.is_autocast_enabled('cpu')))
+
+    class Spy(metrics.PixelsDetector):
+        def __call__(self, images):
+            autocast_in['detector'].add(torch.is_autocast_enabled('cpu'))
+            return super().__call__(images)
+    monkeypatch.setattr(metrics, 'load_detector', lambda name, device, image_shape: Spy(image_shape, device))
+    fids = {}
+    for precision in ['fp32', 'bf16']:
+        fids[precision] = metrics.calc_network_fids(net, ref, num=8, repeats=1, detector='pixels', batch_size=4,
+                                                    sampler_kwargs=dict(num_steps=3), precision=precision, channels_last=True)
+    assert autocast_in == {'net': {False, True}, 'detector': {False}}
+    assert fids['bf16'][0] == pytest.approx(fids['fp32'][0], rel=0.05)

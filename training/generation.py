@@ -10,7 +10,7 @@ import PIL.Image
 import torch
 
 from dnnlib.util import Progress, UserError, atomic_write
-from torch_utils import distributed
+from torch_utils import distributed, perf
 from torch_utils.rng import StackedRandomGenerator
 from training import sampler
 
@@ -118,11 +118,14 @@ def write_grid(outdir: str, seeds: Sequence[int], subdirs: bool, dest: str, max_
 def generate_to_dir(net: torch.nn.Module, outdir: str, seeds: Sequence[int], batch_size: int = 64,
                     device: torch.device | str | None = None, sampler_kwargs: dict[str, Any] | None = None,
                     class_idx: int | None = None, subdirs: bool = False, make_zip: bool = False,
-                    make_grid: bool = False) -> None:
+                    make_grid: bool = False, precision: str = 'fp32', channels_last: bool = False,
+                    compile: bool = False) -> None:
     """Write one PNG per seed (this rank's shard); then rank 0 writes OUTDIR.zip and OUTDIR-grid.png if asked.
 
-    Call it on every rank: it ends with a barrier so the zip and grid see every rank's images.
+    Call it on every rank: it ends with a barrier so the zip and grid see every rank's images. precision,
+    channels_last and compile go to perf.prepare_for_inference; fp32 without the others samples with `net` as is.
     """
+    net = perf.prepare_for_inference(net, precision=precision, channels_last=channels_last, compile=compile)
     seeds = [int(s) for s in seeds]
     # Rank 0 extrapolates from its own shard (shards differ by at most one image).
     progress = Progress(len(seeds), 'Generating', enabled=distributed.is_main())

@@ -16,7 +16,7 @@ import torch
 
 import dnnlib
 from dnnlib.util import UserError
-from torch_utils import distributed
+from torch_utils import distributed, perf
 
 INCEPTION_URL = 'https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/inception-2015-12-05.pkl'
 DETECTORS = ('inception', 'dinov2', 'pixels')
@@ -387,8 +387,13 @@ def calc_fid(image_path: str, ref_path: str, detector: str | None = None, num: i
 
 def calc_network_fids(net: torch.nn.Module, ref_path: str, num: int = 50000, repeats: int = 3, seed: int = 0,
                       detector: str | None = None, batch_size: int = 64, device: torch.device | str = 'cpu',
-                      sampler_kwargs: dict | None = None, class_idx: int | None = None) -> list[float]:
-    """FIDs of `repeats` disjoint seed sets [seed + r*num, seed + (r+1)*num), generated in memory (collective)."""
+                      sampler_kwargs: dict | None = None, class_idx: int | None = None, precision: str = 'fp32',
+                      channels_last: bool = False, compile: bool = False) -> list[float]:
+    """FIDs of `repeats` disjoint seed sets [seed + r*num, seed + (r+1)*num), generated in memory (collective).
+
+    precision, channels_last and compile apply to the network (perf.prepare_for_inference); the detector stays fp32.
+    """
+    net = perf.prepare_for_inference(net, precision=precision, channels_last=channels_last, compile=compile)
     ref = load_ref(ref_path, detector=detector if detector in DETECTORS else None)
     det = load_detector(detector or ref['detector'] or 'inception', device,
                         image_shape=[net.img_channels, net.img_resolution, net.img_resolution])
