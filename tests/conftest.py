@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,3 +40,13 @@ def run_python(args: list[str], timeout: float = 300, env: dict | None = None, c
 @pytest.fixture
 def torchrun():
     return run_torchrun
+
+
+@pytest.fixture(scope='module')
+def one_thread():
+    """One torch thread for the module: bitwise comparisons need equal thread counts (each torchrun process
+    runs one), tiny networks run fastest so, and a busy 2-core machine is not oversubscribed."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)

@@ -23,15 +23,9 @@ from training.networks import EDMPrecond
 SIGMA = 0.2
 NUM_NOISY = 64
 
-pytestmark = pytest.mark.filterwarnings('ignore::RuntimeWarning')  # FID of 128 pixel vectors: singular covariances
+pytestmark = [pytest.mark.filterwarnings('ignore::RuntimeWarning'),  # FID of 128 pixel vectors: singular covariances
+              pytest.mark.usefixtures('one_thread')]
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    """One thread, as in each torchrun process and the killed run: equal results need equal thread counts."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 #----------------------------------------------------------------------------
 # Data: 96 digits (8x8 grey), 32 clean, 64 corrupted once; FID reference from all 96 originals (pixels).

@@ -7,9 +7,11 @@ import pytest
 from click.testing import CliRunner
 
 import train
-from tests.test_training_loop import make_image_folder, one_thread, tiny_options  # noqa: F401 (one_thread: autouse fixture)
+from tests.test_training_loop import make_image_folder, tiny_options
 from torch_utils import perf
 from training import training_loop
+
+pytestmark = pytest.mark.usefixtures('one_thread')  # tests/conftest.py
 
 #----------------------------------------------------------------------------
 

@@ -18,6 +18,8 @@ from training import checkpoint, training_loop as tl
 from training.dataset import ArrayDatasetWriter, open_dataset, to_model_space
 from training.loss import EDMLoss
 
+pytestmark = pytest.mark.usefixtures('one_thread')  # tests/conftest.py
+
 #----------------------------------------------------------------------------
 # A tiny synthetic data set and tiny options.
 
@@ -50,13 +52,6 @@ def tiny_options(data: str, **overrides) -> dict:
     return opts
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    """Tiny networks run fastest on one thread, and a busy machine is not oversubscribed."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 @pytest.fixture(scope='module')
