@@ -18,7 +18,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)
-	$(PY) demo.py --outdir=demo-run
+	$(PY) scripts/demo.py --outdir=demo-run
 
 clean:
 	rm -rf $(VENV) .pytest_cache
