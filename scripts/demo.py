@@ -142,16 +142,14 @@ def run_demo(outdir: str, *, preset: str, max_images: int | None, clean: float, 
                 *([f'--resume={d}'] if glob.glob(os.path.join(d, 'training-state-*.pt')) else []))
             network = _newest_snapshot(d)
             fds[name].append(_fd_from_output(run('fid.py', 'gen', f'--network={network}', f'--ref={ref}', '--repeats=1',
-                                                 f'--seed=0', *eval_args)))
+                                                 '--seed=0', *eval_args)))
         finals[name] = network
 
     # 4. References: the data sets themselves against the held-out originals; sample grids of the baselines.
-    references = {
-        f'D_clean ({_count(clean_set)} clean images)': _fd_from_output(run('fid.py', 'calc', f'--images={clean_set}', f'--ref={ref}',
-                                                                         f'--num={_count(clean_set)}', '--detector=pixels')),
-        f'D_noisy (sigma {sigma:g}, clipped to 8 bits)': _fd_from_output(run('fid.py', 'calc', f'--images={noisy}', f'--ref={ref}',
-                                                                             f'--num={_count(noisy)}', '--detector=pixels')),
-    }
+    references = {}
+    for label, path in ((f'D_clean ({_count(clean_set)} clean images)', clean_set), (f'D_noisy (sigma {sigma:g}, clipped to 8 bits)', noisy)):
+        references[label] = _fd_from_output(run('fid.py', 'calc', f'--images={path}', f'--ref={ref}', f'--num={_count(path)}',
+                                                '--detector=pixels'))
     grids = {'sfbd': os.path.join(sfbd_dir, f'iter-{K:03d}', 'samples.png')}
     for name in ('clean-only', 'noisy-only'):
         dest = os.path.join(outdir, name, 'samples')
