@@ -32,11 +32,7 @@ def bench_fid(detector_name: str, device: torch.device, batch: int, resolution: 
     detector = metrics.load_detector(detector_name, device, image_shape=[3, resolution, resolution])
     builders = [(v, functools.partial(make_fid_step, detector, device, batch, resolution, v)) for v in variants]
     rows = common.measure(builders, iters, warmup, device, stat)
-    for v, row in zip(variants, rows):
-        n = batch * v.batch_mult
-        row.update(precision=perf.resolve_precision(v.precision, device), batch=n, images_per_sec=n / row['sec'],
-                   peak_mib=common.mib(row['peak_bytes']))
-    common.add_ratios(rows, 'images_per_sec')
+    common.add_throughput(rows, variants, batch, device)
     return rows
 
 #----------------------------------------------------------------------------

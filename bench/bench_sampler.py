@@ -43,11 +43,7 @@ def bench_sampler(preset: str, device: torch.device, batch: int, iters: int, war
     sigmas = sampler.sigma_steps(num_steps) if mode == 'generate' else sampler.backward_sigmas(sigma_tau, num_steps)
     builders = [(v, functools.partial(make_sample_step, preset, device, batch, mode, num_steps, sigma_tau, v)) for v in variants]
     rows = common.measure(builders, iters, warmup, device, stat)
-    for v, row in zip(variants, rows):
-        n = batch * v.batch_mult
-        row.update(precision=perf.resolve_precision(v.precision, device), batch=n, images_per_sec=n / row['sec'],
-                   peak_mib=common.mib(row['peak_bytes']))
-    common.add_ratios(rows, 'images_per_sec')
+    common.add_throughput(rows, variants, batch, device)
     return rows, nfe(sigmas)
 
 #----------------------------------------------------------------------------

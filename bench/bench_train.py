@@ -46,10 +46,9 @@ def bench_train(preset: str, device: torch.device, batch: int, iters: int, warmu
                 stat: str = 'median') -> list[dict]:
     """Rows of images/s, s/kimg and peak memory per variant, each with its own network, optimizer and EMA."""
     rows = common.measure([(v, functools.partial(make_train_step, preset, device, batch, v)) for v in variants], iters, warmup, device, stat)
-    for v, row in zip(variants, rows):
-        row.update(precision=perf.resolve_precision(v.precision, device), batch=batch, images_per_sec=batch / row['sec'],
-                   sec_per_kimg=row['sec'] * 1000 / batch, peak_mib=common.mib(row['peak_bytes']))
-    common.add_ratios(rows, 'images_per_sec')
+    common.add_throughput(rows, variants, batch, device)
+    for row in rows:
+        row['sec_per_kimg'] = row['sec'] * 1000 / row['batch']
     return rows
 
 #----------------------------------------------------------------------------

@@ -198,6 +198,15 @@ def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     return '\n'.join(lines)
 
 
+def add_throughput(rows: list[dict], variants: list, batch: int, device: torch.device) -> None:
+    """Fill each timed row with its precision, images per call, images/s, peak MiB, and ratios to the baseline."""
+    for v, row in zip(variants, rows):
+        n = batch * v.batch_mult
+        row.update(precision=perf.resolve_precision(v.precision, device), batch=n, images_per_sec=n / row['sec'],
+                   peak_mib=mib(row['peak_bytes']))
+    add_ratios(rows, 'images_per_sec')
+
+
 def add_ratios(rows: list[dict], key: str) -> None:
     """rows[i]['ratio'] = rows[i][key] / rows[0][key]: speed-up over the baseline (first row) for a rate."""
     base = rows[0][key]
