@@ -164,8 +164,10 @@ def test_every_noisy_index_once_and_chunks_kept(data, tmp_path, monkeypatch):
     assert len(os.listdir(dest + '.parts')) == 2 and not os.path.exists(dest)
     calls.clear()
     kill = False
+    os.makedirs(tmp_path / '.E.abc123.tmp')  # what a merge killed midway leaves behind
     sfbd.denoise_dataset(_Identity(), noisy, dest, **kwargs)
     assert len(calls) == 10 - 2  # the two finished chunks were kept
+    assert sorted(os.listdir(tmp_path)) == ['E'], 'no temporary directory may outlive the merge'
     e_k = open_dataset(dest)
     np.testing.assert_array_equal(e_k.images, expect)  # row i is noisy image i: none lost, none duplicated
     assert not os.path.exists(dest + '.parts')

@@ -1,5 +1,6 @@
 """SFBD (Algorithm 1): pretrain on the clean set, then for k = 1..K denoise the noisy set with model k-1 and fine-tune on the result."""
 
+import glob
 import json
 import math
 import os
@@ -207,6 +208,9 @@ def denoise_dataset(net: torch.nn.Module, noisy: Dataset, dest: str, *, sigma_ta
         progress(stop - start)
     distributed.barrier()
     if distributed.is_main():
+        # A merge killed midway leaves its hidden temporary directory beside dest: only rank 0 merges, so drop it.
+        for stale in glob.glob(os.path.join(os.path.dirname(os.path.abspath(dest)), f'.{os.path.basename(dest)}.*.tmp')):
+            shutil.rmtree(stale)
         with ArrayDatasetWriter(dest, n, noisy.image_shape, dtype, metadata, overwrite=True) as writer:
             for start, stop in chunks:
                 part = np.load(_chunk_path(parts_dir, start, stop), allow_pickle=False)
