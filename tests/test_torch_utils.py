@@ -64,3 +64,10 @@ def test_batch_random_rows_independent_of_split():
     for _ in range(2):
         assert torch.equal(full.randn(2), torch.cat([a.randn(2), b.randn(2)]))
         assert torch.equal(full.rand(1), torch.cat([a.rand(1), b.rand(1)]))
+
+
+def test_report_ignores_non_finite_values():
+    training_stats.report('Test/nonfinite', torch.tensor([1.0, float('nan'), float('inf'), 3.0]))
+    c = training_stats.Collector(regex='Test/nonfinite')
+    c.update()
+    assert c.num('Test/nonfinite') == 2 and c.mean('Test/nonfinite') == 2.0 and c.std('Test/nonfinite') == 1.0

@@ -11,7 +11,8 @@ from . import distributed
 
 #----------------------------------------------------------------------------
 
-# name -> float64 tensor [count, sum, sum of squares], accumulated since the last Collector.update().
+# name -> float64 tensor [count, sum, sum of squares] since the last Collector.update(), kept on the
+# device of the reported values so that reporting never waits for the GPU.
 _moments: dict[str, torch.Tensor] = {}
 _names: list[str] = []  # in order of first report, identical on every rank that reports the same names
 
@@ -21,13 +22,14 @@ def report(name: str, value: Any) -> Any:
 
     Returns `value` unchanged, so it can wrap an expression.
     """
-    v = torch.as_tensor(value).detach().flatten().to(torch.float64).cpu()
-    v = v[torch.isfinite(v)]
-    m = torch.stack([torch.tensor(float(v.numel()), dtype=torch.float64), v.sum(), v.square().sum()])
+    v = torch.as_tensor(value).detach().flatten().to(torch.float64)
+    finite = torch.isfinite(v)
+    v = torch.where(finite, v, torch.zeros_like(v))  # masking, not indexing: no device synchronisation
+    m = torch.stack([finite.sum().to(torch.float64), v.sum(), v.square().sum()])
     if name not in _moments:
-        _moments[name] = torch.zeros(3, dtype=torch.float64)
+        _moments[name] = torch.zeros(3, dtype=torch.float64, device=m.device)
         _names.append(name)
-    _moments[name] += m
+    _moments[name] += m.to(_moments[name].device)
     return value
 
 
@@ -57,7 +59,7 @@ class Collector:
             self._stats = {}
         if not names:
             return
-        local = torch.stack([_moments[n] for n in names])
+        local = torch.stack([_moments[n].cpu() for n in names])
         total = distributed.all_reduce_sum(local)
         for n, (count, s, sq) in zip(names, total.tolist()):
             _moments[n].zero_()
