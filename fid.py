@@ -3,13 +3,9 @@
 import click
 import numpy as np
 
-from generate import NETWORK_HELP, fast_path_options, sampler_options
+from dnnlib.cli import DETECTOR_HELP, NETWORK_HELP, fast_path_options, sampler_options
 from torch_utils import distributed, perf
 from training import checkpoint, metrics
-
-DETECTOR_HELP = ("Feature detector: inception (EDM's Inception-v3 pickle, downloaded once; the default for published FIDs), "
-                 "dinov2 (FD_DINOv2, torch.hub), pixels (raw [-1,1] pixels: small-scale checks only, not an FID), "
-                 "or a detector .pkl/TorchScript PATH|URL (a .pkl runs code from the file: only load files you trust)")
 
 #----------------------------------------------------------------------------
 

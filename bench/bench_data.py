@@ -12,7 +12,8 @@ import PIL.Image
 import torch
 
 import common
-from training.dataset import ArrayDatasetWriter, open_dataset, to_model_space
+from training.dataset import ArrayDatasetWriter, open_dataset
+from training.images import to_model_space
 
 # Synthetic stand-ins of the real sets, by (resolution, storage): EDM zips for clean data, float32
 # arrays for the noisy set and each E_k in SFBD.

@@ -18,7 +18,7 @@ def nfe(sigmas: torch.Tensor) -> int:
 
 def make_sample_step(preset: str, device: torch.device, batch: int, mode: str, num_steps: int, sigma_tau: float, v: common.Variant):
     """One batch through the real code path: generation.sample_images, or backward_sample as sfbd.denoise_dataset calls it."""
-    net = perf.prepare_for_inference(common.build_network(preset, device), precision=v.precision,
+    net = perf.prepare_for_inference(common.preset_network(preset, device), precision=v.precision,
                                      channels_last=v.channels_last, compile=v.compile)
     n = batch * v.batch_mult
     if mode == 'generate':

@@ -16,7 +16,7 @@ def make_train_step(preset: str, device: torch.device, batch: int, v: common.Var
     """One real EDM training step as training_loop runs it: keyed randomness, augmentation, loss forward,
     backward, NaN guard, Adam, EMA update; network, loss, augmentation and optimizer from the preset."""
     c = common.training_kwargs(preset)
-    net = common.build_network(preset, device).train().requires_grad_(True)
+    net = common.preset_network(preset, device).train().requires_grad_(True)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     loss_fn = dnnlib.util.construct_class_by_name(**c.loss_kwargs)
     augment_pipe = dnnlib.util.construct_class_by_name(**c.augment_kwargs) if c.get('augment_kwargs') else None
@@ -64,7 +64,7 @@ def main(preset, device, batch, iters, warmup, stat, variants, threads, json_pat
     """
     dev = common.setup_device(device, threads)
     rows = bench_train(preset, dev, batch, iters, warmup, common.parse_variants(variants, 'bf16,cl,sdpa,compile'), stat)
-    flops = 3 * common.forward_flops(common.build_network(preset, dev), dev)  # forward + backward ~ 3 forwards
+    flops = 3 * common.forward_flops(common.preset_network(preset, dev), dev)  # forward + backward ~ 3 forwards
     for row in rows:
         row['tflops'] = row['images_per_sec'] * flops / 1e12
     columns = [('variant', 'variant', ''), ('precision', 'prec', ''), ('batch', 'batch', 'd'), ('sec', f's/step ({stat})', '.3f'),

@@ -20,7 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import dnnlib  # noqa: E402
 import dnnlib.cli  # noqa: E402
-from torch_utils import perf  # noqa: E402
+from torch_utils import distributed, perf  # noqa: E402
+from training import options  # noqa: E402
 
 #----------------------------------------------------------------------------
 # Variants: '+'-joined tokens, e.g. 'bf16+cl+compile'. 'fp32' is the plain fp32 eager baseline.
@@ -239,15 +240,10 @@ RESOLUTIONS = {'cifar10-ddpmpp': 32, 'celeba64-ncsnpp': 64, 'tiny': 16}  # prese
 
 def training_kwargs(preset: str) -> dnnlib.EasyDict:
     """train.py's training_loop kwargs (network, loss, augment, optimizer) for a preset with train.py's defaults."""
-    import train
-    # Options without a default (click's UNSET sentinel) mean "not given", as in train.py: None.
-    opts = {p.name: p.default if isinstance(p.default, (bool, int, float, str, list, tuple, type(None))) else None
-            for p in train.main.params}
-    opts.update(dnnlib.cli.load_preset(preset).get('train', {}))
-    return train.model_training_kwargs(opts)
+    return dnnlib.EasyDict(options.training_kwargs(dnnlib.cli.preset_train_options(preset), distributed.device()))
 
 
-def build_network(preset: str, device: torch.device, seed: int = 0) -> torch.nn.Module:
+def preset_network(preset: str, device: torch.device, seed: int = 0) -> torch.nn.Module:
     """The preset's network (3 channels, unconditional) with seeded random weights; speed does not depend on them."""
     torch.manual_seed(seed)
     kwargs = training_kwargs(preset).network_kwargs

@@ -12,6 +12,7 @@ import common
 import dnnlib
 from torch_utils import perf, rng
 from training import generation, sampler
+from training.images import to_uint8
 
 #----------------------------------------------------------------------------
 
@@ -46,7 +47,7 @@ def train_curve(data: torch.Tensor, steps: int, batch: int, seed: int, bf16: boo
 
 def image_difference(a: torch.Tensor, b: torch.Tensor) -> dict:
     """Mean and max absolute difference in uint8 levels and PSNR (dB) between two image batches in [-1, 1]."""
-    ua, ub = generation.to_uint8(a).to(torch.float64), generation.to_uint8(b).to(torch.float64)
+    ua, ub = to_uint8(a).to(torch.float64), to_uint8(b).to(torch.float64)
     mse = (ua - ub).square().mean().item()
     return dict(mean_abs_levels=(ua - ub).abs().mean().item(), max_abs_levels=(ua - ub).abs().max().item(),
                 psnr_db=float('inf') if mse == 0 else 10 * np.log10(255 ** 2 / mse))
@@ -111,7 +112,7 @@ def main(steps, batch, window, sample_steps, sigma_tau, sample_preset, num_image
         sample_net = net
         noisy = data[:num_images] + sigma_tau * torch.randn(data[:num_images].shape, generator=torch.Generator(dev).manual_seed(0), device=dev)
     else:
-        sample_net = common.build_network(sample_preset, dev).eval().requires_grad_(False)
+        sample_net = common.preset_network(sample_preset, dev).eval().requires_grad_(False)
         r = sample_net.img_resolution
         g = torch.Generator(dev).manual_seed(0)
         noisy = torch.rand([num_images, 3, r, r], generator=g, device=dev) * 2 - 1 + sigma_tau * torch.randn([num_images, 3, r, r], generator=g, device=dev)

@@ -34,6 +34,14 @@ def load_preset(name_or_path: str) -> dict[str, Any]:
     return {k.replace('-', '_'): v for k, v in data.items() if not k.startswith('_')}
 
 
+def preset_train_options(preset: str) -> Any:
+    """training.options.TrainOptions of a preset's "train" section (its other keys, e.g. duration, are train.py's own)."""
+    import dataclasses
+    from training.options import TrainOptions
+    section = load_preset(preset).get('train', {})
+    return TrainOptions(**{f.name: section[f.name] for f in dataclasses.fields(TrainOptions) if f.name in section})
+
+
 def config_option(section: str | None = None, inherit: str | None = None) -> Callable:
     """A click option `--config=NAME|FILE` whose values become the command's defaults.
 
@@ -48,15 +56,129 @@ def config_option(section: str | None = None, inherit: str | None = None) -> Cal
         preset = load_preset(value)
         sub = preset.pop(section, {}) if section else {}
         inherited = preset.pop(inherit, {}) if inherit else {}
-        known = {p.name for p in ctx.command.params}
+        # A preset names options by their flags (grid for --grid) or by their parameter names (grid_num).
+        known = {p.name: p.name for p in ctx.command.params}
+        known.update({flag.lstrip('-').replace('-', '_'): p.name for p in ctx.command.params for flag in p.opts})
         preset = {k: v for k, v in preset.items() if not isinstance(v, dict)}
         preset.update({k.replace('-', '_'): v for k, v in inherited.items() if k.replace('-', '_') in known})
         preset.update({k.replace('-', '_'): v for k, v in sub.items()})
-        unknown = sorted(set(preset) - known)
+        unknown = sorted(set(preset) - set(known))
         if unknown:
             raise UserError(f'Preset {value!r} sets unknown option(s) for this command: {", ".join(unknown)}')
-        ctx.default_map = {**(ctx.default_map or {}), **preset}
+        ctx.default_map = {**(ctx.default_map or {}), **{known[k]: v for k, v in preset.items()}}
         return value
 
     return click.option('--config', metavar='NAME|FILE', type=str, default=None, is_eager=True, expose_value=True,
                         callback=callback, help='Preset from configs/ (or a JSON file) whose values become defaults; flags given on the command line win.')
+
+#----------------------------------------------------------------------------
+# Help texts and option groups shared by the commands (train.py, sfbd.py, generate.py, fid.py).
+
+NETWORK_HELP = ('Network: our .pt snapshot/training state, or an official EDM .pkl (a .pkl runs code from the file: '
+                'only load files you trust)')
+DETECTOR_HELP = ("Feature detector: inception (EDM's Inception-v3 pickle, downloaded once; the default for published FIDs), "
+                 "dinov2 (FD_DINOv2, torch.hub), pixels (raw [-1,1] pixels: small-scale checks only, not an FID), "
+                 "or a detector .pkl/TorchScript PATH|URL (a .pkl runs code from the file: only load files you trust)")
+AUTO_HELP = 'auto = bf16 where it is native (CUDA Ampere or newer; CPUs with AMX or avx512_bf16), else fp32'
+PRECISION_HELP = (f'{AUTO_HELP}; fp32 = the exact reference mode (EDM\'s arithmetic, TF32 off); bf16 = bf16 autocast '
+                  '(fp32 with a warning where not native); fp16 = EDM\'s fp16 network')
+INFERENCE_PRECISION_HELP = (f'fp32 = exact reference, images and FIDs comparable with EDM\'s; {AUTO_HELP}; '
+                            'bf16 = bf16 autocast (faster; images differ by a fraction of a grey level on average)')
+
+
+def int_list(value: Any) -> list[int]:
+    """click type: '2,2,2' or '0-3' or a preset's list; 'none' or '' is the empty list."""
+    from .util import parse_int_list
+    if isinstance(value, (list, tuple)):
+        return [int(v) for v in value]
+    if str(value).strip().lower() in ('', 'none'):
+        return []
+    return parse_int_list(value)
+
+
+def check_writable_dir(path: str, flag: str) -> None:
+    """`path` is (or can be made as) a writable directory: it, or its nearest existing parent, is one."""
+    probe = os.path.abspath(path)
+    if os.path.exists(probe) and not os.path.isdir(probe):
+        raise UserError(f'{flag}={path} is a file, not a directory; give a directory path')
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f'{flag}={path} cannot be written ({probe} is not a writable directory)')
+
+
+def _apply(f: Callable, options: list[Callable]) -> Callable:
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def train_options(f: Callable) -> Callable:
+    """The network and training flags of train.py and sfbd.py: the fields of training.options.TrainOptions."""
+    from training.options import ARCHS, PRECONDS, TrainOptions
+    from torch_utils.perf import PRECISIONS
+    d = TrainOptions()
+    pos, unit = click.FloatRange(min=0, min_open=True), click.FloatRange(min=0, max=1)
+    return _apply(f, [
+        click.option('--arch',      help='Network architecture', type=click.Choice(list(ARCHS)), default=d.arch),
+        click.option('--precond',   help='Preconditioning and loss', type=click.Choice(list(PRECONDS)), default=d.precond),
+        click.option('--batch',     help='Global batch size (all processes)', metavar='INT', type=click.IntRange(min=1), default=d.batch),
+        click.option('--batch-gpu', help='Limit per-process batch; the rest by gradient accumulation', metavar='INT', type=click.IntRange(min=1), default=d.batch_gpu),
+        click.option('--cbase',     help='Channel multiplier  [default: by --arch]', metavar='INT', type=click.IntRange(min=1), default=d.cbase),
+        click.option('--cres',      help='Channels per resolution  [default: by --arch]', metavar='LIST', type=int_list, default=d.cres),
+        click.option('--blocks',    help='Residual blocks per resolution  [default: by --arch]', metavar='INT', type=click.IntRange(min=1), default=d.blocks),
+        click.option('--attn',      help='Resolutions with self-attention, or none  [default: by --arch]', metavar='LIST', type=int_list, default=d.attn),
+        click.option('--lr',        help='Learning rate', metavar='FLOAT', type=pos, default=d.lr),
+        click.option('--lr-rampup', help='Learning-rate warm-up in thousands of images', metavar='KIMG', type=click.FloatRange(min=0), default=d.lr_rampup),
+        click.option('--ema',       help='EMA half-life in millions of images', metavar='MIMG', type=click.FloatRange(min=0), default=d.ema),
+        click.option('--dropout',   help='Dropout probability', metavar='FLOAT', type=unit, default=d.dropout),
+        click.option('--augment',   help='Augment probability (0 = off)', metavar='FLOAT', type=unit, default=d.augment),
+        click.option('--xflip',     help='Add x-flipped copies of the data set', metavar='BOOL', type=bool, default=d.xflip),
+        click.option('--cache',     help='Cache the data set in CPU memory', metavar='BOOL', type=bool, default=d.cache),
+        click.option('--precision', help=f'Arithmetic of training: {PRECISION_HELP}', type=click.Choice(list(PRECISIONS)), default=d.precision),
+        click.option('--fp16',      help='EDM\'s alias for --precision=fp16', metavar='BOOL', type=bool, default=d.fp16),
+        click.option('--channels-last', help='Weights and images in channels_last (NHWC) memory format', metavar='BOOL', type=bool, default=d.channels_last),
+        click.option('--compile',   help='Wrap the network in torch.compile (slow first steps)', metavar='BOOL', type=bool, default=d.compile),
+        click.option('--ls',        help='Loss scaling', metavar='FLOAT', type=pos, default=d.ls),
+        click.option('--bench',     help='Enable cuDNN benchmarking', metavar='BOOL', type=bool, default=d.bench),
+        click.option('--workers',   help='DataLoader worker processes (0 = load in the main process)', metavar='INT', type=click.IntRange(min=0), default=d.workers),
+        click.option('--tick',      help='Progress line every this many thousands of images', metavar='KIMG', type=pos, default=d.tick),
+        click.option('--snap',      help='Network snapshot every this many ticks', metavar='TICKS', type=click.IntRange(min=1), default=d.snap),
+        click.option('--dump',      help='Training state every this many ticks', metavar='TICKS', type=click.IntRange(min=1), default=d.dump),
+        click.option('--keep',      help='Keep only the newest N snapshots and N states  [default: all]', metavar='N', type=click.IntRange(min=1), default=d.keep),
+    ])
+
+
+def sampler_options(f: Callable) -> Callable:
+    """The sampler's flags (generate.py, fid.py gen); they fill generation.sample_images' sampler_kwargs."""
+    from training.generation import SOLVERS
+    from training.sampler import RHO, SIGMA_MAX, SIGMA_MIN
+    pos = click.FloatRange(min=0, min_open=True)
+    return _apply(f, [
+        click.option('--steps', 'num_steps', help='Number of sampling steps N (2N-1 network calls)', metavar='INT', type=click.IntRange(min=2), default=18, show_default=True),
+        click.option('--sigma_min',          help='Lowest noise level, in [-1,1] pixel units (clipped to the network\'s)', metavar='FLOAT', type=pos, default=SIGMA_MIN, show_default=True),
+        click.option('--sigma_max',          help='Highest noise level, in [-1,1] pixel units (clipped to the network\'s)', metavar='FLOAT', type=pos, default=SIGMA_MAX, show_default=True),
+        click.option('--rho',                help='Time step exponent', metavar='FLOAT', type=pos, default=RHO, show_default=True),
+        click.option('--S_churn', 'S_churn', help='Stochasticity strength (0 = deterministic)', metavar='FLOAT', type=click.FloatRange(min=0), default=0, show_default=True),
+        click.option('--S_min', 'S_min',     help='Churn only at sigma >= S_min ([-1,1] units)', metavar='FLOAT', type=click.FloatRange(min=0), default=0, show_default=True),
+        click.option('--S_max', 'S_max',     help='Churn only at sigma <= S_max ([-1,1] units)', metavar='FLOAT', type=click.FloatRange(min=0), default=float('inf'), show_default=True),
+        click.option('--S_noise', 'S_noise', help='Churn noise inflation', metavar='FLOAT', type=click.FloatRange(min=0), default=1, show_default=True),
+        click.option('--solver',             help='ODE solver', type=click.Choice(list(SOLVERS)), default='heun', show_default=True),
+    ])
+
+
+def fast_path_options(f: Callable) -> Callable:
+    """The network's --precision, --channels-last and --compile flags for generation (generate.py, fid.py gen)."""
+    from torch_utils.perf import INFERENCE_PRECISIONS
+    return _apply(f, [
+        click.option('--precision',     help=f'Arithmetic of the network: {INFERENCE_PRECISION_HELP}. FID features are always fp32',
+                     type=click.Choice(list(INFERENCE_PRECISIONS)), default='fp32', show_default=True),
+        click.option('--channels-last', help='Network weights and inputs in channels_last (NHWC) memory format', metavar='BOOL', type=bool, default=False, show_default=True),
+        click.option('--compile',       help='Wrap the network in torch.compile (slow first batches)', metavar='BOOL', type=bool, default=False, show_default=True),
+    ])
+
+
+def grid_option(default: int, help: str) -> Callable:
+    """--grid[=N]: the number of images in a sample grid (0 = none); a bare --grid means 64."""
+    return click.option('--grid', 'grid_num', help=f'{help}; a bare --grid means 64  [default: {default}]', metavar='N',
+                        type=click.IntRange(min=0), default=default, is_flag=False, flag_value=64)

@@ -67,6 +67,13 @@ def construct_class_by_name(*args, class_name: str, **kwargs) -> Any:
 #----------------------------------------------------------------------------
 # Atomic file output.
 
+def current_umask() -> int:
+    """This process's umask (read by setting and restoring it)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 @contextlib.contextmanager
 def atomic_write(path: str, mode: str = 'wb') -> Iterator[Any]:
     """Open a temporary file beside `path`; rename it onto `path` only if the block completes."""
@@ -75,6 +82,7 @@ def atomic_write(path: str, mode: str = 'wb') -> Iterator[Any]:
     os.makedirs(dirname, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dirname, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
     try:
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it private (0600); a plain open() would not
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()

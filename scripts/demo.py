@@ -234,23 +234,13 @@ def plot_results(path: str, results: dict) -> None:
     fig.savefig(path, dpi=100)
 
 
-def _tile(images: list, cols: int) -> 'np.ndarray':
-    """HWC uint8 images (grey or RGB) as one RGB grid with 1-pixel white gaps."""
-    import numpy as np
-    images = [np.repeat(x, 3 // x.shape[2], axis=2) for x in images]
-    h, w = images[0].shape[:2]
-    rows = (len(images) + cols - 1) // cols
-    grid = np.full([rows * (h + 1) - 1, cols * (w + 1) - 1, 3], 255, dtype=np.uint8)
-    for i, x in enumerate(images):
-        grid[i // cols * (h + 1):i // cols * (h + 1) + h, i % cols * (w + 1):i % cols * (w + 1) + w] = x
-    return grid
-
-
 def save_pictures(path: str, panels: list[tuple[str, str]], *, vertical: bool = False) -> None:
     """One figure of titled panels side by side (or stacked), each a PNG file, a folder of PNGs or a dataset (first 64 images)."""
     import numpy as np
     import PIL.Image
+    import torch
     from matplotlib.figure import Figure
+    from training import images as image_io
     from training.dataset import open_dataset
     images = []
     for _title, source in panels:
@@ -258,11 +248,14 @@ def save_pictures(path: str, panels: list[tuple[str, str]], *, vertical: bool = 
             images.append(np.asarray(PIL.Image.open(source).convert('RGB')))
             continue
         if os.path.isdir(source) and not os.path.exists(os.path.join(source, 'dataset.json')):
-            tiles = [np.asarray(PIL.Image.open(f).convert('RGB')) for f in sorted(glob.glob(os.path.join(source, '*.png')))[:64]]
+            tiles = [image_io.image_to_array(PIL.Image.open(f).convert('RGB')) for f in sorted(glob.glob(os.path.join(source, '*.png')))[:64]]
         else:
             ds = open_dataset(source)
-            tiles = [ds[i][0].transpose(1, 2, 0) for i in range(min(64, len(ds)))]
-        images.append(_tile(tiles, int(math.ceil(math.sqrt(len(tiles))))))
+            tiles = [ds[i][0] for i in range(min(64, len(ds)))]
+            if tiles[0].dtype != np.uint8:  # a noisy set: [-1, 1] floats
+                tiles = [image_io.to_uint8(torch.from_numpy(x)).numpy() for x in tiles]
+        tiles = np.stack([np.repeat(x, 3 // x.shape[0], axis=0) for x in tiles])  # grey as RGB
+        images.append(image_io.tile(image_io.grid_rows(tiles), pad=1).transpose(1, 2, 0))
     n = len(panels)
     aspect = max(x.shape[1] / x.shape[0] for x in images)
     fig = Figure(figsize=(3.2 * aspect, 3.4 * n) if vertical else (3.2 * n, 3.6), layout='constrained')

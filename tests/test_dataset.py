@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from dnnlib.util import UserError
-from training.dataset import (ArrayDataset, ArrayDatasetWriter, ImageFolderDataset, assemble_array_dataset,
-                              open_dataset, to_model_space)
+from training.dataset import ArrayDataset, ArrayDatasetWriter, ImageFolderDataset, assemble_array_dataset, open_dataset
+from training.images import to_model_space
 
 
 def make_folder(root, n=5, size=8, mode='RGB', labels=True):

@@ -13,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 import dataset_tool
+from training import data_prep
 from training.dataset import open_dataset
 
 
@@ -68,13 +69,13 @@ def test_convert_cifar10_keeps_images_and_labels(tmp_path):
         assert np.array_equal(ds[i][0], images[i]) and ds[i][1].argmax() == labels[i]
     assert ds.raw_labels().tolist() == labels
     # --max-images takes the first N in order.
-    dataset_tool.convert_dataset(str(tmp_path / 'cifar-10-python.tar.gz'), str(tmp_path / 'c5'), max_images=5, verbose=False)
+    data_prep.convert_dataset(str(tmp_path / 'cifar-10-python.tar.gz'), str(tmp_path / 'c5'), max_images=5, verbose=False)
     assert len(open_dataset(str(tmp_path / 'c5'))) == 5
 
 
 def test_convert_celeba_crop_folder_and_zip(tmp_path):
     faces = make_faces(str(tmp_path / 'img_align_celeba'), ext='jpg')
-    dest = dataset_tool.convert_dataset(faces, str(tmp_path / 'celeba.zip'), resolution='16x16', transform='celeba', verbose=False)
+    dest = data_prep.convert_dataset(faces, str(tmp_path / 'celeba.zip'), resolution='16x16', transform='celeba', verbose=False)
     ds = open_dataset(dest)
     assert len(ds) == 4 and ds.resolution == 16 and not ds.has_labels
     assert ds[2][0].min() > 240  # exactly the white box: the crop is (25, 57)-(153, 185)
@@ -82,9 +83,9 @@ def test_convert_celeba_crop_folder_and_zip(tmp_path):
     with zipfile.ZipFile(zpath, 'w') as z:
         for name in sorted(os.listdir(faces)):
             z.write(os.path.join(faces, name), f'img_align_celeba/{name}')
-    dataset_tool.convert_dataset(zpath, str(tmp_path / 'cc'), resolution='32x32', transform='center-crop', verbose=False)
+    data_prep.convert_dataset(zpath, str(tmp_path / 'cc'), resolution='32x32', transform='center-crop', verbose=False)
     assert open_dataset(str(tmp_path / 'cc'))[0][0].shape == (3, 32, 32)
-    dataset_tool.convert_dataset(zpath, str(tmp_path / 'wide'), resolution='32x16', transform='center-crop-wide', verbose=False)
+    data_prep.convert_dataset(zpath, str(tmp_path / 'wide'), resolution='32x16', transform='center-crop-wide', verbose=False)
     wide = open_dataset(str(tmp_path / 'wide'))[0][0]
     assert wide.shape == (3, 32, 32) and wide[:, :8].max() == 0 and wide[:, 24:].max() == 0  # padded rows
 
@@ -93,7 +94,7 @@ def test_convert_folder_labels_and_digits(tmp_path):
     src = make_small(str(tmp_path / 'src'))
     with open(os.path.join(src, 'dataset.json'), 'w') as f:
         json.dump({'labels': [[f'{i:03d}.png', 5 - i] for i in range(6)]}, f)
-    ds = open_dataset(dataset_tool.convert_dataset(src, str(tmp_path / 'out'), verbose=False), use_labels=True)
+    ds = open_dataset(data_prep.convert_dataset(src, str(tmp_path / 'out'), verbose=False), use_labels=True)
     assert ds.raw_labels().tolist() == [5, 4, 3, 2, 1, 0] and ds[3][0][0, 0, 0] == 60
     res = run('convert', '--source=sklearn-digits', f'--dest={tmp_path / "digits.zip"}')
     assert res.exit_code == 0, res.output
@@ -107,7 +108,7 @@ def test_convert_folder_labels_and_digits(tmp_path):
 
 
 def test_split_is_disjoint_complete_reproducible(tmp_path):
-    src = dataset_tool.convert_dataset(make_small(str(tmp_path / 'src'), n=20), str(tmp_path / 'all.zip'), verbose=False)
+    src = data_prep.convert_dataset(make_small(str(tmp_path / 'src'), n=20), str(tmp_path / 'all.zip'), verbose=False)
     res = run('split', f'--source={src}', '--clean=0.25', '--seed=3', f'--dest-clean={tmp_path / "clean.zip"}',
               f'--dest-rest={tmp_path / "rest"}')
     assert res.exit_code == 0, res.output
@@ -116,24 +117,24 @@ def test_split_is_disjoint_complete_reproducible(tmp_path):
     assert len(ci) == len(clean) == 5 and len(ri) == len(rest) == 15
     assert set(ci).isdisjoint(ri) and sorted(ci + ri) == list(range(20)) and clean.metadata['source'] == src
     assert all(clean[k][0][0, 0, 0] == i * 20 % 240 for k, i in enumerate(ci))  # pixels follow the indices
-    again = dataset_tool.split_dataset(src, '5', 3, str(tmp_path / 'c2'), str(tmp_path / 'r2'), verbose=False)
-    other = dataset_tool.split_dataset(src, 5, 4, str(tmp_path / 'c3'), str(tmp_path / 'r3'), verbose=False)
+    again = data_prep.split_dataset(src, '5', 3, str(tmp_path / 'c2'), str(tmp_path / 'r2'), verbose=False)
+    other = data_prep.split_dataset(src, 5, 4, str(tmp_path / 'c3'), str(tmp_path / 'r3'), verbose=False)
     assert again == (ci, ri) and other[0] != ci
     # Splitting the rest again maps indices back to the root data set.
-    dataset_tool.split_dataset(str(tmp_path / 'rest'), 3, 0, str(tmp_path / 'c4'), str(tmp_path / 'r4'), verbose=False)
+    data_prep.split_dataset(str(tmp_path / 'rest'), 3, 0, str(tmp_path / 'c4'), str(tmp_path / 'r4'), verbose=False)
     sub = open_dataset(str(tmp_path / 'c4')).metadata
     assert sub['source'] == src and set(sub['source_indices']) <= set(ri)
 
 
 def test_corrupt_noise_statistics_and_chunk_independence(tmp_path):
-    src = dataset_tool.convert_dataset(make_small(str(tmp_path / 'src'), n=12, size=16), str(tmp_path / 'all'), verbose=False)
-    dataset_tool.split_dataset(src, 2, 0, str(tmp_path / 'clean'), str(tmp_path / 'rest'), verbose=False)
+    src = data_prep.convert_dataset(make_small(str(tmp_path / 'src'), n=12, size=16), str(tmp_path / 'all'), verbose=False)
+    data_prep.split_dataset(src, 2, 0, str(tmp_path / 'clean'), str(tmp_path / 'rest'), verbose=False)
     rest = str(tmp_path / 'rest')
     res = run('corrupt', f'--source={rest}', '--sigma=0.5', '--seed=7', f'--dest={tmp_path / "n1"}')
     assert res.exit_code == 0, res.output
     n1 = open_dataset(str(tmp_path / 'n1'))
-    n2 = open_dataset(dataset_tool.corrupt_dataset(rest, str(tmp_path / 'n2'), 0.5, 7, chunk=3, verbose=False))
-    n3 = open_dataset(dataset_tool.corrupt_dataset(rest, str(tmp_path / 'n3'), 0.5, 8, chunk=1, verbose=False))
+    n2 = open_dataset(data_prep.corrupt_dataset(rest, str(tmp_path / 'n2'), 0.5, 7, chunk=3, verbose=False))
+    n3 = open_dataset(data_prep.corrupt_dataset(rest, str(tmp_path / 'n3'), 0.5, 8, chunk=1, verbose=False))
     assert np.array_equal(n1.images, n2.images) and not np.allclose(n1.images, n3.images)
     originals = open_dataset(n1.metadata['originals'])
     clean = np.stack([originals[i][0] for i in range(len(originals))]).astype(np.float32) / 127.5 - 1
@@ -143,7 +144,7 @@ def test_corrupt_noise_statistics_and_chunk_independence(tmp_path):
     assert meta['kind'] == 'array' and meta['sigma'] == 0.5 and meta['seed'] == 7 and meta['dtype'] == 'float32'
     assert meta['resolution'] == 16 and meta['channels'] == 3 and meta['source'] == src
     assert meta['source_indices'] == open_dataset(rest).metadata['source_indices'] and meta['originals'] == rest
-    half = open_dataset(dataset_tool.corrupt_dataset(rest, str(tmp_path / 'h'), 0.5, 7, dtype='float16', verbose=False))
+    half = open_dataset(data_prep.corrupt_dataset(rest, str(tmp_path / 'h'), 0.5, 7, dtype='float16', verbose=False))
     assert half.dtype == np.float16 and np.allclose(half.images, n1.images, atol=4e-3)
     info = run('info', tmp_path / 'n1')
     assert 'noisy array' in info.output and 'sigma:      0.5' in info.output
@@ -179,7 +180,7 @@ def _bad_inputs(tmp):
         z.writestr('ok.png', open(os.path.join(str(tmp / 'mixed'), '000.png'), 'rb').read())
         z.writestr('../../escape.png', b'x')
     cases.append(('zip escape', ['convert', f'--source={tmp / "evil.zip"}', f'--dest={tmp / "o"}']))
-    good = dataset_tool.convert_dataset(make_small(str(tmp / 'g')), str(tmp / 'good.zip'), verbose=False)
+    good = data_prep.convert_dataset(make_small(str(tmp / 'g')), str(tmp / 'good.zip'), verbose=False)
     cases.append(('clean too large', ['split', f'--source={good}', '--clean=6', f'--dest-clean={tmp / "c"}', f'--dest-rest={tmp / "r"}']))
     cases.append(('clean fraction 1', ['split', f'--source={good}', '--clean=1.5', f'--dest-clean={tmp / "c"}', f'--dest-rest={tmp / "r"}']))
     cases.append(('sigma zero', ['corrupt', f'--source={good}', '--sigma=0', f'--dest={tmp / "n"}']))
@@ -205,7 +206,7 @@ def test_bad_inputs_fail_cleanly(tmp_path):
 def test_overwrite(tmp_path):
     src = make_small(str(tmp_path / 'src'))
     dest = str(tmp_path / 'out')
-    dataset_tool.convert_dataset(src, dest, verbose=False)
+    data_prep.convert_dataset(src, dest, verbose=False)
     make_small(str(tmp_path / 'src2'), n=3)
     res = run('convert', f'--source={tmp_path / "src2"}', f'--dest={dest}', '--overwrite')
     assert res.exit_code == 0 and len(open_dataset(dest)) == 3
@@ -214,4 +215,4 @@ def test_overwrite(tmp_path):
 
 @pytest.mark.parametrize('clean,total,expected', [('50', 1000, 50), ('0.04', 1000, 40), (0.1, 50000, 5000), ('1', 2, 1)])
 def test_parse_clean(clean, total, expected):
-    assert dataset_tool.parse_clean(clean, total) == expected
+    assert data_prep.parse_clean(clean, total) == expected

@@ -11,6 +11,7 @@ import torch
 
 from torch_utils import perf
 from training import checkpoint, generation
+from training.images import to_uint8
 
 
 class ToyDenoiser(torch.nn.Module):
@@ -103,7 +104,7 @@ def test_generate_to_dir_names_zip_and_grid(tmp_path):
     outdir = str(tmp_path / 'out')
     seeds = [0, 1, 999, 1000, 2500]
     generation.generate_to_dir(net, outdir, seeds, batch_size=2, sampler_kwargs=dict(num_steps=3),
-                               subdirs=True, make_zip=True, make_grid=True)
+                               subdirs=True, make_zip=True, grid_num=64)
     names = sorted(os.path.relpath(os.path.join(r, f), outdir) for r, _, fs in os.walk(outdir) for f in fs)
     assert names == ['000000/000000.png', '000000/000001.png', '000000/000999.png', '001000/001000.png', '002000/002500.png']
     expected = generate_all(net, seeds, batch_size=5, sampler_kwargs=dict(num_steps=3))
@@ -122,7 +123,7 @@ def test_prepared_network_samples_as_the_plain_one(tmp_path, monkeypatch):
     nhwc = generation.sample_images(perf.prepare_for_inference(checkpoint.load_network(net_path), 'fp32', channels_last=True),
                                     list(range(6)), num_steps=4)
     torch.testing.assert_close(nhwc, plain, rtol=0, atol=1e-6)
-    assert torch.equal(generation.to_uint8(nhwc), generation.to_uint8(plain))
+    assert torch.equal(to_uint8(nhwc), to_uint8(plain))
     monkeypatch.setattr(perf, 'device_has_bf16', lambda device: True)  # bf16 autocast even where emulated
     bf16 = generation.sample_images(perf.prepare_for_inference(checkpoint.load_network(net_path), 'bf16'), list(range(6)), num_steps=4)
     assert not torch.equal(bf16, plain) and (bf16 - plain).abs().max() < 0.02  # rounding, not another image
@@ -131,7 +132,7 @@ def test_prepared_network_samples_as_the_plain_one(tmp_path, monkeypatch):
                                sampler_kwargs=dict(num_steps=4), precision='fp32', channels_last=True)
     for seed in range(6):
         png = np.asarray(PIL.Image.open(tmp_path / 'out' / f'{seed:06d}.png')).transpose(2, 0, 1)
-        assert np.array_equal(png, generation.to_uint8(plain[seed]).numpy()), seed
+        assert np.array_equal(png, to_uint8(plain[seed]).numpy()), seed
 
 #----------------------------------------------------------------------------
 # The same seeds with 1 and 2 processes.

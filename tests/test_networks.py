@@ -234,3 +234,17 @@ def test_attention_matches_edm_math():
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
 
 #----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('resample_filter', [[1, 1], [1, 3, 3, 1]])
+@pytest.mark.parametrize('kernel', [1, 3])
+def test_fused_upsampling_gives_the_unfused_shape_and_interior(resample_filter, kernel):
+    # EDM's fused up-sampling conv: 8x8 -> 16x16 as the unfused path, the same values away from the border.
+    torch.manual_seed(0)
+    fused = networks.Conv2d(4, 5, kernel=kernel, up=True, resample_filter=resample_filter, fused_resample=True)
+    plain = networks.Conv2d(4, 5, kernel=kernel, up=True, resample_filter=resample_filter)
+    plain.load_state_dict(fused.state_dict())
+    x = torch.randn(2, 4, 8, 8)
+    a, b = fused(x), plain(x)
+    assert a.shape == b.shape == (2, 5, 16, 16)
+    torch.testing.assert_close(a[..., 2:-2, 2:-2], b[..., 2:-2, 2:-2], rtol=0, atol=1e-6)

@@ -40,8 +40,13 @@ def test_resolve_precision(monkeypatch):
     assert perf.resolve_precision('auto', 'cpu') == 'fp32'
     with pytest.warns(UserWarning, match='no native bf16'):
         assert perf.resolve_precision('bf16', 'cpu') == 'fp32'
+    assert perf.resolve_precision('fp16', 'cpu') == 'fp16'
+    assert perf.resolve_precision('auto', 'cpu', fp16=True) == 'fp16'
+    assert perf.resolve_precision('fp16', 'cpu', inference=True) == 'fp32'
+    with pytest.raises(UserError, match='contradicts'):
+        perf.resolve_precision('bf16', 'cpu', fp16=True)
     with pytest.raises(UserError, match='Unknown precision'):
-        perf.resolve_precision('fp16', 'cpu')
+        perf.resolve_precision('fp8', 'cpu')
 
 
 def test_auto_never_picks_bf16_on_cuda_without_cuda():

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-import dataset_tool
 import dnnlib
 import sfbd as sfbd_cli
 from tests.conftest import run_python
 from torch_utils import perf
-from training import checkpoint, generation, metrics, sampler, sfbd, training_loop
-from training.dataset import open_dataset, to_model_space
+from training import checkpoint, data_prep, metrics, sampler, sfbd, training_loop
+from training.dataset import open_dataset
+from training.images import to_model_space, to_uint8
 from training.networks import EDMPrecond
 
 SIGMA = 0.2
@@ -34,9 +34,9 @@ pytestmark = [pytest.mark.filterwarnings('ignore::RuntimeWarning'),  # FID of 12
 def data(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp('sfbd-data')
     d = {name: str(root / name) for name in ('all', 'clean', 'rest', 'noisy')}
-    dataset_tool.convert_dataset('sklearn-digits', d['all'], max_images=96, verbose=False)
-    dataset_tool.split_dataset(d['all'], '32', 0, d['clean'], d['rest'], verbose=False)
-    dataset_tool.corrupt_dataset(d['rest'], d['noisy'], SIGMA, 0, verbose=False)
+    data_prep.convert_dataset('sklearn-digits', d['all'], max_images=96, verbose=False)
+    data_prep.split_dataset(d['all'], '32', 0, d['clean'], d['rest'], verbose=False)
+    data_prep.corrupt_dataset(d['rest'], d['noisy'], SIGMA, 0, verbose=False)
     d['ref'] = str(root / 'ref.npz')
     metrics.make_ref(d['all'], d['ref'], 'pixels')
     return d
@@ -146,7 +146,7 @@ class _Identity(torch.nn.Module):
 
 def test_every_noisy_index_once_and_chunks_kept(data, tmp_path, monkeypatch):
     noisy = open_dataset(data['noisy'])
-    expect = generation.to_uint8(to_model_space(torch.from_numpy(np.stack([noisy[i][0] for i in range(len(noisy))])))).numpy()
+    expect = to_uint8(to_model_space(torch.from_numpy(np.stack([noisy[i][0] for i in range(len(noisy))])))).numpy()
     dest = str(tmp_path / 'E')
     calls = []
     real = sampler.backward_sample
@@ -157,7 +157,7 @@ def test_every_noisy_index_once_and_chunks_kept(data, tmp_path, monkeypatch):
             raise Interrupt('killed')
         return real(*args, **kwargs)
     monkeypatch.setattr(sampler, 'backward_sample', counted)
-    kwargs = dict(sigma_tau=SIGMA, num_steps=8, solver='ode', seed=0, k=1, batch=7)  # 64 = 9 x 7 + 1: a last partial batch
+    kwargs = dict(sigma_tau=SIGMA, num_steps=8, solver='ode', seed=0, k=1, batch_size=7)  # 64 = 9 x 7 + 1: a last partial batch
     kill = True
     with pytest.raises(Interrupt):
         sfbd.denoise_dataset(_Identity(), noisy, dest, **kwargs)
@@ -260,7 +260,7 @@ def _bad_inputs(data: dict, root) -> dict:
     checkpoint.save_network(str(root / 'net16.pt'), EDMPrecond(**small))
     os.makedirs(root / 'bare')
     np.save(root / 'bare' / 'images.npy', np.zeros([4, 1, 8, 8], np.float32))
-    dataset_tool.convert_dataset('sklearn-digits', str(root / 'big'), resolution='16x16', max_images=4, verbose=False)
+    data_prep.convert_dataset('sklearn-digits', str(root / 'big'), resolution='16x16', max_images=4, verbose=False)
     with open(root / 'ref10.npz', 'wb') as f:
         np.savez(f, mu=np.zeros(10), sigma=np.eye(10))
     return {

@@ -15,7 +15,8 @@ from dnnlib.util import UserError
 from tests.conftest import ROOT
 from torch_utils import perf, rng
 from training import checkpoint, training_loop as tl
-from training.dataset import ArrayDatasetWriter, open_dataset, to_model_space
+from training.dataset import ArrayDatasetWriter, open_dataset
+from training.images import to_model_space
 from training.loss import EDMLoss
 
 pytestmark = pytest.mark.usefixtures('one_thread')  # tests/conftest.py

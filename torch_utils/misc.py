@@ -1,4 +1,9 @@
-"""Miscellaneous PyTorch helpers (names as in EDM, so EDM's embedded module source finds them)."""
+"""Miscellaneous PyTorch helpers (names as in EDM, so EDM's embedded module source finds them).
+
+`constant` and `assert_shape` are not called by this project: they are here for the module source
+embedded in EDM-format detector pickles (training.metrics runs it, on explicit opt-in, with
+torch_utils importable), which calls them inside its forward pass.
+"""
 
 import contextlib
 from typing import Any, Iterator

@@ -11,7 +11,8 @@ import torch
 
 from dnnlib.util import UserError
 
-PRECISIONS = ('auto', 'fp32', 'bf16')
+PRECISIONS = ('auto', 'fp32', 'bf16', 'fp16')     # of training
+INFERENCE_PRECISIONS = ('auto', 'fp32', 'bf16')  # of sampling, denoising and generation for FID
 
 #----------------------------------------------------------------------------
 # Hardware capabilities.
@@ -47,15 +48,21 @@ def device_has_bf16(device: torch.device | str) -> bool:
 #----------------------------------------------------------------------------
 # Precision.
 
-def resolve_precision(precision: str, device: torch.device | str) -> str:
-    """Map 'auto' | 'fp32' | 'bf16' to the precision actually used on `device`: 'fp32' or 'bf16'.
+def resolve_precision(precision: str, device: torch.device | str, *, fp16: bool = False, inference: bool = False) -> str:
+    """The one place a precision is decided: 'auto' | 'fp32' | 'bf16' | 'fp16' as `device` runs it.
 
     'auto' is bf16 where the device computes bf16 natively (CUDA Ampere and newer; CPUs with AMX or
     avx512_bf16), fp32 elsewhere. An explicit 'bf16' on a device without native bf16 falls back to
-    fp32 with a warning, because emulated bf16 is slower than fp32 and buys nothing.
+    fp32 with a warning, because emulated bf16 is slower than fp32 and buys nothing. 'fp16' is EDM's
+    network-internal fp16 (use_fp16=True), and `fp16=True` is EDM's --fp16 alias for it. With
+    `inference`, fp16 becomes fp32: an fp16 network casts inside itself, the sampler around it is fp32.
     """
     if precision not in PRECISIONS:
         raise UserError(f'Unknown precision {precision!r}: use one of {", ".join(PRECISIONS)}')
+    if fp16 and precision not in ('auto', 'fp32', 'fp16'):
+        raise UserError(f'--fp16 contradicts --precision={precision}')
+    if fp16 or precision == 'fp16':
+        return 'fp32' if inference else 'fp16'
     if precision == 'fp32':
         return 'fp32'
     if device_has_bf16(device):
@@ -138,12 +145,12 @@ def prepare_for_inference(net: torch.nn.Module, precision: str = 'fp32', channel
                           compile: bool = False) -> torch.nn.Module:
     """`net` frozen (eval, no gradients) and made fast for sampling, denoising and FID.
 
-    precision 'auto' | 'fp32' | 'bf16' (see resolve_precision); with 'fp32' and no other option the
-    result is `net` itself, so exact-equality tests see the unchanged network.
+    precision: see resolve_precision (fp16 samples with the network's own fp16, like fp32); with 'fp32' and
+    no other option the result is `net` itself, so exact-equality tests see the unchanged network.
     """
     net.eval().requires_grad_(False)
     device = next(net.parameters()).device if any(True for _ in net.parameters()) else torch.device('cpu')
-    bf16 = resolve_precision(precision, device) == 'bf16'
+    bf16 = resolve_precision(precision, device, inference=True) == 'bf16'
     net = prepare_for_training(net, channels_last=channels_last, compile=compile)
     if not (bf16 or channels_last):
         return net

@@ -90,5 +90,3 @@ def append_jsonl(path: str, record: dict) -> None:
         f.write(json.dumps(record) + '\n')
         f.flush()
 
-
-default_collector = Collector()

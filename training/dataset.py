@@ -12,23 +12,15 @@ import numpy as np
 import PIL.Image
 import torch
 
-from dnnlib.util import UserError, atomic_replace_dir, atomic_write
+from dnnlib.util import UserError, atomic_replace_dir, atomic_write, current_umask
+from training.images import image_to_array
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
 ARRAY_DTYPES = (np.dtype(np.uint8), np.dtype(np.float16), np.dtype(np.float32))
 _GREY_MODES = ('1', 'L', 'LA', 'I', 'I;16', 'F')
 
 #----------------------------------------------------------------------------
-# Pixel units.
-
-def to_model_space(batch: torch.Tensor) -> torch.Tensor:
-    """A batch as float32 in [-1, 1] units: uint8 u -> u / 127.5 - 1; float batches are already there."""
-    if batch.dtype == torch.uint8:
-        return batch.to(torch.float32) / 127.5 - 1
-    if batch.is_floating_point():
-        return batch.to(torch.float32)
-    raise TypeError(f'to_model_space expects a uint8 or float batch, got {batch.dtype}')
-
+# Metadata.
 
 def json_default(obj: Any) -> Any:
     """json.dump fallback for numpy scalars and arrays in metadata."""
@@ -115,11 +107,6 @@ class ImageFiles:
         return {**self.__dict__, '_zip': None}
 
 
-def image_to_array(img: PIL.Image.Image) -> np.ndarray:
-    """A PIL image ('L' or 'RGB') as uint8 CHW."""
-    x = np.asarray(img, dtype=np.uint8)
-    return x[np.newaxis] if x.ndim == 2 else x.transpose(2, 0, 1)
-
 #----------------------------------------------------------------------------
 # The common interface.
 
@@ -183,9 +170,6 @@ class Dataset(torch.utils.data.Dataset):
             image = image[:, :, ::-1]
         return image.copy(), self._labels[raw_idx].copy()
 
-    def get_label(self, idx: int) -> np.ndarray:
-        return self._labels[int(self._raw_idx[idx])].copy()
-
     def raw_index(self, idx: int) -> int:
         """Row of item `idx` in the stored data (differs from idx under max_size / xflip)."""
         return int(self._raw_idx[idx])
@@ -210,10 +194,6 @@ class Dataset(torch.utils.data.Dataset):
     def resolution(self) -> int:
         assert self._raw_shape[2] == self._raw_shape[3]
         return self._raw_shape[2]
-
-    @property
-    def label_shape(self) -> list[int]:
-        return list(self._labels.shape[1:])
 
     @property
     def label_dim(self) -> int:
@@ -368,10 +348,17 @@ def make_temp_dir(dest: str) -> str:
     parent = os.path.dirname(os.path.abspath(dest))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=f'.{os.path.basename(dest)}.', suffix='.tmp')
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private (0700)
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private (0700)
     return tmp
+
+def remove_temp_dirs(dest: str) -> None:
+    """Remove the temporary directories that make_temp_dir made for `dest` (of a writer killed midway)."""
+    parent, base = os.path.split(os.path.abspath(dest))
+    if os.path.isdir(parent):
+        for name in os.listdir(parent):
+            if name.startswith(f'.{base}.') and name.endswith('.tmp') and os.path.isdir(os.path.join(parent, name)):
+                shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+
 
 class ArrayDatasetWriter:
     """Writes rows of an array dataset into a temporary directory; close() renames it to `dest`.

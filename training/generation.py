@@ -1,7 +1,6 @@
 """Sharded image generation from a network: per-seed noise, EDM's Heun/Euler samplers, uint8 output."""
 
 import os
-import tempfile
 import zipfile
 from typing import Any, Iterator, Sequence
 
@@ -12,20 +11,15 @@ import torch
 from dnnlib.util import Progress, UserError, atomic_write
 from torch_utils import distributed, perf
 from torch_utils.rng import StackedRandomGenerator
-from training import sampler
+from training import images, sampler
 
 SOLVERS = {'heun': sampler.heun_sampler, 'euler': sampler.euler_sampler}
 
 #----------------------------------------------------------------------------
 
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] images to uint8 as EDM rounds them: (x * 127.5 + 128) clipped and truncated."""
-    return (x * 127.5 + 128).clip(0, 255).to(torch.uint8)
-
-
 @torch.no_grad()
-def sample_images(net: torch.nn.Module, seeds: Sequence[int], num_steps: int = 18, sigma_min: float = 0.002,
-                  sigma_max: float = 80, rho: float = 7, S_churn: float = 0, S_min: float = 0, S_max: float = float('inf'),
+def sample_images(net: torch.nn.Module, seeds: Sequence[int], num_steps: int = 18, sigma_min: float = sampler.SIGMA_MIN,
+                  sigma_max: float = sampler.SIGMA_MAX, rho: float = sampler.RHO, S_churn: float = 0, S_min: float = 0, S_max: float = float('inf'),
                   S_noise: float = 1, solver: str = 'heun', class_idx: int | None = None,
                   device: torch.device | str | None = None) -> torch.Tensor:
     """One batch of images (float64 NCHW, [-1, 1] units), image i drawn from its own seeds[i] as in EDM.
@@ -71,8 +65,8 @@ def generate_images(net: torch.nn.Module, seeds: Sequence[int], batch_size: int 
     mine = seeds[shard.start:shard.stop]
     for start in range(0, len(mine), batch_size):
         batch = mine[start:start + batch_size]
-        images = sample_images(net, batch, class_idx=class_idx, device=device, **(sampler_kwargs or {}))
-        yield batch, to_uint8(images)
+        x = sample_images(net, batch, class_idx=class_idx, device=device, **(sampler_kwargs or {}))
+        yield batch, images.to_uint8(x)
 
 #----------------------------------------------------------------------------
 # Files: EDM's naming (000123.png, optionally in subdirectories 000000/, 001000/, ...).
@@ -80,17 +74,6 @@ def generate_images(net: torch.nn.Module, seeds: Sequence[int], batch_size: int 
 def image_path(outdir: str, seed: int, subdirs: bool = False) -> str:
     """Where the PNG for `seed` goes."""
     return os.path.join(outdir, f'{seed - seed % 1000:06d}', f'{seed:06d}.png') if subdirs else os.path.join(outdir, f'{seed:06d}.png')
-
-
-def save_png(path: str, image: np.ndarray) -> None:
-    """Write one CHW uint8 image; a temporary name renamed at the end, so no half-written PNG remains."""
-    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-    hwc = image.transpose(1, 2, 0)
-    img = PIL.Image.fromarray(hwc[:, :, 0], 'L') if hwc.shape[2] == 1 else PIL.Image.fromarray(hwc, 'RGB')
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or '.', prefix='.tmp-', suffix='.png')
-    os.close(fd)
-    img.save(tmp, format='PNG')
-    os.replace(tmp, path)
 
 
 def write_zip(outdir: str, seeds: Sequence[int], subdirs: bool, dest: str) -> None:
@@ -103,24 +86,16 @@ def write_zip(outdir: str, seeds: Sequence[int], subdirs: bool, dest: str) -> No
 
 def write_grid(outdir: str, seeds: Sequence[int], subdirs: bool, dest: str, max_images: int = 64) -> None:
     """Tile the PNGs of the first `max_images` seeds into one near-square PNG at `dest`."""
-    images = [np.asarray(PIL.Image.open(image_path(outdir, s, subdirs))) for s in seeds[:max_images]]
-    images = [im[:, :, None] if im.ndim == 2 else im for im in images]
-    h, w, c = images[0].shape
-    gw = int(np.ceil(np.sqrt(len(images))))
-    gh = (len(images) + gw - 1) // gw
-    grid = np.zeros([gh * h, gw * w, c], dtype=np.uint8)
-    for i, im in enumerate(images):
-        grid[(i // gw) * h:(i // gw + 1) * h, (i % gw) * w:(i % gw + 1) * w] = im
-    with atomic_write(dest) as f:
-        (PIL.Image.fromarray(grid[:, :, 0], 'L') if c == 1 else PIL.Image.fromarray(grid, 'RGB')).save(f, format='PNG')
+    tiles = np.stack([images.image_to_array(PIL.Image.open(image_path(outdir, s, subdirs))) for s in seeds[:max_images]])
+    images.save_grid(dest, images.grid_rows(tiles))
 
 
 def generate_to_dir(net: torch.nn.Module, outdir: str, seeds: Sequence[int], batch_size: int = 64,
                     device: torch.device | str | None = None, sampler_kwargs: dict[str, Any] | None = None,
                     class_idx: int | None = None, subdirs: bool = False, make_zip: bool = False,
-                    make_grid: bool = False, precision: str = 'fp32', channels_last: bool = False,
+                    grid_num: int = 0, precision: str = 'fp32', channels_last: bool = False,
                     compile: bool = False) -> None:
-    """Write one PNG per seed (this rank's shard); then rank 0 writes OUTDIR.zip and OUTDIR-grid.png if asked.
+    """Write one PNG per seed (this rank's shard); then rank 0 writes OUTDIR.zip and OUTDIR-grid.png (grid_num images) if asked.
 
     Call it on every rank: it ends with a barrier so the zip and grid see every rank's images. precision,
     channels_last and compile go to perf.prepare_for_inference; fp32 without the others samples with `net` as is.
@@ -129,16 +104,16 @@ def generate_to_dir(net: torch.nn.Module, outdir: str, seeds: Sequence[int], bat
     seeds = [int(s) for s in seeds]
     # Rank 0 extrapolates from its own shard (shards differ by at most one image).
     progress = Progress(len(seeds), 'Generating', enabled=distributed.is_main())
-    for batch_seeds, images in generate_images(net, seeds, batch_size=batch_size, device=device,
-                                               sampler_kwargs=sampler_kwargs, class_idx=class_idx):
-        for seed, image in zip(batch_seeds, images.cpu().numpy()):
-            save_png(image_path(outdir, seed, subdirs), image)
+    for batch_seeds, batch in generate_images(net, seeds, batch_size=batch_size, device=device,
+                                              sampler_kwargs=sampler_kwargs, class_idx=class_idx):
+        for seed, image in zip(batch_seeds, batch.cpu().numpy()):
+            images.save_png(image_path(outdir, seed, subdirs), image)
         progress.update(len(batch_seeds) * distributed.get_world_size())
     distributed.barrier()
     if distributed.is_main():
         base = os.path.normpath(outdir)
         if make_zip:
             write_zip(outdir, seeds, subdirs, base + '.zip')
-        if make_grid:
-            write_grid(outdir, seeds, subdirs, base + '-grid.png')
+        if grid_num > 0:
+            write_grid(outdir, seeds, subdirs, base + '-grid.png', grid_num)
     distributed.barrier()

@@ -234,7 +234,7 @@ def compute_feature_stats(images: Iterable[torch.Tensor], detector: Detector) ->
 
 def dataset_batches(dataset: torch.utils.data.Dataset, batch_size: int = 64, num_workers: int = 0) -> Iterator[torch.Tensor]:
     """This rank's shard of a dataset as uint8 NCHW batches; float images ([-1, 1] units) are rounded as EDM's sampler output."""
-    from training.generation import to_uint8
+    from training.images import to_uint8
     shard = distributed.shard(len(dataset))
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, shard), batch_size=batch_size,
                                          num_workers=num_workers, shuffle=False)

@@ -12,6 +12,9 @@ from dnnlib.util import UserError
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 RandnLike = Callable[[torch.Tensor], torch.Tensor]
 
+# EDM's time-step schedule (Karras et al. 2022, Table 1), sigma in [-1, 1] pixel units.
+SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0
+
 #----------------------------------------------------------------------------
 
 def net_denoiser(net: torch.nn.Module, class_labels: torch.Tensor | None = None) -> Denoiser:
@@ -21,7 +24,7 @@ def net_denoiser(net: torch.nn.Module, class_labels: torch.Tensor | None = None)
     return denoise
 
 
-def sigma_steps(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80, rho: float = 7,
+def sigma_steps(num_steps: int, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, rho: float = RHO,
                 round_sigma: Callable[[torch.Tensor], torch.Tensor] | None = None,
                 device: torch.device | str = 'cpu') -> torch.Tensor:
     """EDM's noise levels t_0 > ... > t_{N-1} (float64, rounded by the network) and a trailing t_N = 0.
@@ -115,7 +118,7 @@ def reverse_sde_sampler(denoise: Denoiser, x: torch.Tensor, sigmas: torch.Tensor
 
 #----------------------------------------------------------------------------
 
-def backward_sigmas(sigma_tau: float, num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80, rho: float = 7,
+def backward_sigmas(sigma_tau: float, num_steps: int, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, rho: float = RHO,
                     round_sigma: Callable | None = None, device: torch.device | str = 'cpu') -> torch.Tensor:
     """The EDM schedule of num_steps steps truncated at sigma_tau, as in the official SFBD denoise.py.
 
@@ -132,7 +135,7 @@ def backward_sigmas(sigma_tau: float, num_steps: int, sigma_min: float = 0.002, 
 
 
 def backward_sample(denoise: Denoiser, y: torch.Tensor, sigma_tau: float, num_steps: int, solver: str = 'ode',
-                    sigma_min: float = 0.002, sigma_max: float = 80, rho: float = 7,
+                    sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, rho: float = RHO,
                     randn_like: RandnLike | None = None, round_sigma: Callable | None = None) -> torch.Tensor:
     """SFBD's backward step: start AT the noisy image y (at sigma_tau exactly) and solve down to sigma = 0.
 

@@ -1,6 +1,5 @@
 """SFBD (Algorithm 1): pretrain on the clean set, then for k = 1..K denoise the noisy set with model k-1 and fine-tune on the result."""
 
-import glob
 import json
 import math
 import os
@@ -14,8 +13,10 @@ import torch
 import dnnlib
 from dnnlib.util import UserError
 from torch_utils import distributed, perf, rng
-from training import checkpoint, generation, metrics, sampler, training_loop
-from training.dataset import ArrayDatasetWriter, Dataset, json_default, open_dataset, to_model_space
+from training import checkpoint, generation, images, metrics, options, sampler, training_loop
+from training.dataset import Dataset, assemble_array_dataset, json_default, open_dataset, remove_temp_dirs
+from training.images import to_model_space
+from training.options import SFBDOptions
 
 #----------------------------------------------------------------------------
 # Run directory layout (docs/ARCHITECTURE.md, "SFBD"):
@@ -67,28 +68,24 @@ def _main_reads_json(path: str) -> Any:
 #----------------------------------------------------------------------------
 # Options.
 
-def _check_options_match(run_dir: str, options: dict) -> None:
+def _check_options_match(run_dir: str, recorded: dict) -> None:
     """A rerun continues the run in run_dir only with the options it was started with."""
     path = os.path.join(run_dir, OPTIONS_FILE)
     if not os.path.isfile(path):
         return
     old = _read_json(path)
-    changed = sorted(k for k in set(old) | set(options) if k not in RESUMABLE_CHANGES and old.get(k) != options.get(k))
+    changed = sorted(k for k in set(old) | set(recorded) if k not in RESUMABLE_CHANGES and old.get(k) != recorded.get(k))
     if changed:
         k = changed[0]
         raise UserError(f'{run_dir} holds an SFBD run with other options ({", ".join(changed)}; e.g. {k}: '
-                        f'{old.get(k)!r} there, {options.get(k)!r} now); rerun the same command or use a new --outdir')
+                        f'{old.get(k)!r} there, {recorded.get(k)!r} now); rerun the same command or use a new --outdir')
 
 
-def _check_inputs(o: dnnlib.EasyDict, device: torch.device) -> tuple[Dataset, Dataset, Dataset | None, metrics.Detector | None, dict | None]:
+def _open_inputs(o: SFBDOptions, device: torch.device) -> dnnlib.EasyDict:
     """Open and cross-check the data sets, the originals, the starting network and the FID reference.
 
-    Returns (clean, noisy, originals or None, detector or None, reference or None).
+    Returns EasyDict(clean, noisy, originals or None, detector or None, ref or None, sigma_tau, device).
     """
-    if o.iters < 1:
-        raise UserError(f'--iters must be at least 1, got {o.iters}')
-    if not 0 <= o.clean_mix < 1:
-        raise UserError(f'--clean-mix must be in [0, 1), got {o.clean_mix}')
     clean = open_dataset(o.clean)
     noisy = open_dataset(o.noisy)
     if noisy.sigma is None:
@@ -116,7 +113,8 @@ def _check_inputs(o: dnnlib.EasyDict, device: torch.device) -> tuple[Dataset, Da
     if o.eval_every > 0 and o.fid_ref is not None:
         detector = metrics.load_detector(o.detector, device, image_shape=noisy.image_shape)
         ref = metrics.load_ref(o.fid_ref, expected_dim=detector.feature_dim, detector=detector.name)
-    return clean, noisy, _originals(noisy), detector, ref
+    return dnnlib.EasyDict(clean=clean, noisy=noisy, originals=_originals(noisy), detector=detector, ref=ref,
+                           sigma_tau=noisy.sigma, device=device)
 
 
 def _originals(noisy: Dataset) -> Dataset | None:
@@ -133,7 +131,7 @@ def _originals(noisy: Dataset) -> Dataset | None:
 #----------------------------------------------------------------------------
 # Training (pretraining and fine-tuning) that a rerun resumes instead of repeating.
 
-def _train(train_dir: str, **kwargs: Any) -> str:
+def _train_once(train_dir: str, **kwargs: Any) -> str:
     """training_loop in train_dir, resumed from its newest state if any; finished.json makes it a no-op."""
     marker = os.path.join(train_dir, 'finished.json')
     done = _main_reads_json(marker)
@@ -171,16 +169,16 @@ def _chunk_path(parts_dir: str, start: int, stop: int) -> str:
 
 def _to_storage(x: torch.Tensor, dtype: str) -> np.ndarray:
     """Denoised float64 images as stored in E_k: uint8 rounded as EDM's sampler output, or float32 [-1, 1]."""
-    return (generation.to_uint8(x) if dtype == 'uint8' else x.to(torch.float32)).cpu().numpy()
+    return (images.to_uint8(x) if dtype == 'uint8' else x.to(torch.float32)).cpu().numpy()
 
 
 @torch.no_grad()
 def denoise_dataset(net: torch.nn.Module, noisy: Dataset, dest: str, *, sigma_tau: float, num_steps: int, solver: str,
-                    seed: int, k: int, batch: int, dtype: str = 'uint8', device: torch.device | str = 'cpu',
+                    seed: int, k: int, batch_size: int, dtype: str = 'uint8', device: torch.device | str = 'cpu',
                     metadata: dict | None = None) -> str:
     """Backward-denoise every image of `noisy` with `net` into the array dataset `dest` (E_k); collective.
 
-    The indices are cut into chunks of `batch` that do not depend on the number of processes, and the
+    The indices are cut into chunks of `batch_size` that do not depend on the number of processes, and the
     chunks are sharded over ranks (distributed.shard), so every image is denoised exactly once, in the
     same batch, whatever the world size. Image i draws its noise (solver 'sde') from
     derive_seed(seed, k, i). Each finished chunk is written atomically to dest + '.parts/'; a rerun
@@ -188,7 +186,7 @@ def denoise_dataset(net: torch.nn.Module, noisy: Dataset, dest: str, *, sigma_ta
     """
     n = len(noisy)
     parts_dir = dest + '.parts'
-    chunks = [(s, min(s + batch, n)) for s in range(0, n, batch)]
+    chunks = [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
     mine = [chunks[i] for i in distributed.shard(len(chunks))]
     if distributed.is_main():
         os.makedirs(parts_dir, exist_ok=True)
@@ -201,21 +199,16 @@ def denoise_dataset(net: torch.nn.Module, noisy: Dataset, dest: str, *, sigma_ta
             y = to_model_space(torch.from_numpy(np.stack([noisy[i][0] for i in range(start, stop)]))).to(device)
             rnd = rng.StackedRandomGenerator(device, [rng.derive_seed(seed, k, i) for i in range(start, stop)])
             x = sampler.backward_sample(denoise, y.to(torch.float64), sigma_tau, num_steps, solver=solver,
-                                        sigma_min=max(0.002, net.sigma_min), sigma_max=min(80, net.sigma_max),
+                                        sigma_min=max(sampler.SIGMA_MIN, net.sigma_min),
+                                        sigma_max=min(sampler.SIGMA_MAX, net.sigma_max),
                                         randn_like=rnd.randn_like, round_sigma=net.round_sigma)
             with dnnlib.util.atomic_write(path) as f:
                 np.save(f, _to_storage(x, dtype))
         progress(stop - start)
     distributed.barrier()
     if distributed.is_main():
-        # A merge killed midway leaves its hidden temporary directory beside dest: only rank 0 merges, so drop it.
-        for stale in glob.glob(os.path.join(os.path.dirname(os.path.abspath(dest)), f'.{os.path.basename(dest)}.*.tmp')):
-            shutil.rmtree(stale)
-        with ArrayDatasetWriter(dest, n, noisy.image_shape, dtype, metadata, overwrite=True) as writer:
-            for start, stop in chunks:
-                part = np.load(_chunk_path(parts_dir, start, stop), allow_pickle=False)
-                assert part.shape[0] == stop - start
-                writer.write(start, part)
+        remove_temp_dirs(dest)  # of a merge killed midway: only rank 0 merges
+        assemble_array_dataset(dest, [_chunk_path(parts_dir, start, stop) for start, stop in chunks], metadata, overwrite=True)
         shutil.rmtree(parts_dir)
     distributed.barrier()
     return dest
@@ -235,30 +228,18 @@ def denoising_error(denoised: Dataset, originals: Dataset) -> dict[str, float]:
     return dict(denoise_mse=mse, denoise_psnr=10 * math.log10(4 / mse) if mse > 0 else float('inf'))
 
 
-def _tile(rows: list[np.ndarray], path: str, pad: int = 1) -> None:
-    """Write uint8 NCHW image rows (equal widths) as one PNG with `pad` white pixels between images."""
-    c, h, w = rows[0].shape[1:]
-    cols = max(r.shape[0] for r in rows)
-    grid = np.full([len(rows) * (h + pad) - pad, cols * (w + pad) - pad, c], 255, dtype=np.uint8)
-    for i, row in enumerate(rows):
-        for j, image in enumerate(row):
-            grid[i * (h + pad):i * (h + pad) + h, j * (w + pad):j * (w + pad) + w] = image.transpose(1, 2, 0)
-    generation.save_png(path, grid.transpose(2, 0, 1))
-
-
 def save_strip(path: str, noisy: Dataset, denoised: Dataset, originals: Dataset | None, num: int) -> None:
     """PNG with rows noisy | denoised | original (if known) for the first `num` images of the noisy set."""
     idx = range(min(num, len(noisy)))
-    rows = [generation.to_uint8(to_model_space(torch.from_numpy(np.stack([ds[i][0] for i in idx])))).numpy()
+    rows = [images.to_uint8(to_model_space(torch.from_numpy(np.stack([ds[i][0] for i in idx])))).numpy()
             for ds in (noisy, denoised, originals) if ds is not None]
-    _tile(rows, path)
+    images.save_grid(path, rows, pad=1)
 
 
 def save_samples(path: str, net: torch.nn.Module, num: int, sampler_kwargs: dict, device: torch.device) -> None:
     """A near-square grid of `num` images generated for seeds 0..num-1 (rank 0 only)."""
-    images = generation.to_uint8(generation.sample_images(net, list(range(num)), device=device, **sampler_kwargs)).cpu().numpy()
-    cols = int(math.ceil(math.sqrt(num)))
-    _tile([images[i:i + cols] for i in range(0, num, cols)], path)
+    x = images.to_uint8(generation.sample_images(net, list(range(num)), device=device, **sampler_kwargs)).cpu().numpy()
+    images.save_grid(path, images.grid_rows(x), pad=1)
 
 
 def plot_metrics(path: str, records: list[dict]) -> None:
@@ -293,200 +274,136 @@ def format_summary(records: list[dict]) -> str:
 #----------------------------------------------------------------------------
 # Algorithm 1.
 
-def _inference_net(network: str, precision: str, o: dnnlib.EasyDict, device: torch.device) -> torch.nn.Module:
+def _inference_net(network: str, precision: str, o: SFBDOptions, device: torch.device) -> torch.nn.Module:
     """`network` loaded for denoising or sampling: `precision`, and train_kwargs' channels_last and compile."""
     return perf.prepare_for_inference(checkpoint.load_network(network, device=device), precision=precision,
                                       channels_last=o.train_kwargs.get('channels_last', False),
                                       compile=o.train_kwargs.get('compile', False))
 
 
-def _evaluate(k: int, network: str, o: dnnlib.EasyDict, noisy: Dataset, originals: Dataset | None,
-              detector: metrics.Detector | None, ref: dict | None, device: torch.device) -> dict:
+def _evaluate(k: int, network: str, o: SFBDOptions, run: dnnlib.EasyDict) -> dict:
     """Metrics and pictures of model k (and of E_k for k >= 1); collective. Returns the metrics record."""
-    d = iter_dir(o.run_dir, k)
-    net = _inference_net(network, o.eval_precision, o, device)
-    record: dict[str, Any] = dict(k=k, network=_relative(o.run_dir, network))
+    d = iter_dir(run.run_dir, k)
+    net = _inference_net(network, o.eval_precision, o, run.device)
+    record: dict[str, Any] = dict(k=k, network=_relative(run.run_dir, network))
     if k > 0:
         denoised = open_dataset(os.path.join(d, 'denoised'))
-        if originals is not None:
-            record.update(denoising_error(denoised, originals))
+        if run.originals is not None:
+            record.update(denoising_error(denoised, run.originals))
             distributed.print0(f'E_{k} against the originals: MSE {record["denoise_mse"]:.4e} ([-1,1] units), '
                                f'PSNR {record["denoise_psnr"]:.2f} dB')
         if distributed.is_main() and o.strip_num > 0:
-            save_strip(os.path.join(d, 'strip.png'), noisy, denoised, originals, o.strip_num)
+            save_strip(os.path.join(d, 'strip.png'), run.noisy, denoised, run.originals, o.strip_num)
     sampler_kwargs = dict(num_steps=o.eval_steps)
     if distributed.is_main() and o.grid_num > 0:
-        save_samples(os.path.join(d, 'samples.png'), net, o.grid_num, sampler_kwargs, device)
-    if detector is not None and (k % o.eval_every == 0 or k == o.iters):
+        save_samples(os.path.join(d, 'samples.png'), net, o.grid_num, sampler_kwargs, run.device)
+    if run.detector is not None and (k % o.eval_every == 0 or k == o.iters):
         progress = _progress(o.eval_num, len(distributed.shard(o.eval_num)), f'Generating for FID of model {k}')
 
         def batches() -> Iterator[torch.Tensor]:
-            for seeds, images in generation.generate_images(net, range(o.eval_num), batch_size=o.eval_batch, device=device,
-                                                            sampler_kwargs=sampler_kwargs):
+            for seeds, batch in generation.generate_images(net, range(o.eval_num), batch_size=o.eval_batch, device=run.device,
+                                                           sampler_kwargs=sampler_kwargs):
                 progress(len(seeds))
-                yield images
-        record['fid'] = metrics.fid_from_stats(metrics.compute_feature_stats(batches(), detector), ref)
-        record.update(fid_detector=detector.name, fid_num=o.eval_num)
-        distributed.print0(f'FID of model {k}: {record["fid"]:.4f} ({o.eval_num} images, detector {detector.name})')
+                yield batch
+        record['fid'] = metrics.fid_from_stats(metrics.compute_feature_stats(batches(), run.detector), run.ref)
+        record.update(fid_detector=run.detector.name, fid_num=o.eval_num)
+        distributed.print0(f'FID of model {k}: {record["fid"]:.4f} ({o.eval_num} images, detector {run.detector.name})')
     distributed.barrier()
     return record
 
 
-def _finetune_kwargs(o: dnnlib.EasyDict, ds_kwargs: dict) -> dict:
-    """training_loop options of every fine-tune: the previous network's own architecture (network_kwargs=None),
-    fresh Adam, lr warm-up restarted, no EMA ramp-up (as EDM's --transfer), optionally the clean set mixed in."""
-    ft = dict(o.train_kwargs, network_kwargs=None, ema_rampup_ratio=None, total_kimg=o.finetune_kimg)
-    if o.finetune_lr is not None:
-        adam = dict(class_name='torch.optim.Adam', betas=[0.9, 0.999], eps=1e-8, fused=True)
-        ft['optimizer_kwargs'] = dict(ft.get('optimizer_kwargs') or adam, lr=o.finetune_lr)
-    if o.finetune_lr_rampup_kimg is not None:
-        ft['lr_rampup_kimg'] = o.finetune_lr_rampup_kimg
-    if o.finetune_ema_halflife_kimg is not None:
-        ft['ema_halflife_kimg'] = o.finetune_ema_halflife_kimg
-    if o.clean_mix > 0:
-        ft.update(mix_dataset_kwargs={**ds_kwargs, 'path': o.clean}, mix_fraction=o.clean_mix)
-    return ft
-
-
-def _finish(k: int, record: dict, records: list[dict], o: dnnlib.EasyDict) -> None:
+def _finish(k: int, record: dict, records: list[dict], run_dir: str) -> None:
     """Rank 0 writes metrics.jsonl and metrics.png from all records, then iteration k's DONE marker."""
     records.append(record)
     if distributed.is_main():
-        with dnnlib.util.atomic_write(os.path.join(o.run_dir, 'metrics.jsonl'), 'w') as f:
+        with dnnlib.util.atomic_write(os.path.join(run_dir, 'metrics.jsonl'), 'w') as f:
             f.writelines(json.dumps(r, default=json_default) + '\n' for r in records)
-        plot_metrics(os.path.join(o.run_dir, 'metrics.png'), records)
-        _write_json(os.path.join(iter_dir(o.run_dir, k), 'DONE'), {'network': record['network'], 'metrics': record})
+        plot_metrics(os.path.join(run_dir, 'metrics.png'), records)
+        _write_json(os.path.join(iter_dir(run_dir, k), 'DONE'), {'network': record['network'], 'metrics': record})
     distributed.barrier()
 
 
-def run_sfbd(
-    run_dir: str,                              # Run directory; a rerun with the same options continues it.
-    *,
-    clean: str,                                # D_clean: image folder/zip or array dataset.
-    noisy: str,                                # D_noisy: array dataset whose dataset.json gives sigma (= sigma_tau).
-    train_kwargs: dict,                        # training_loop options shared by pretraining and fine-tuning (network,
-                                               # loss, optimizer, augment, batch, EMA, ticks); no data, duration or seed.
-    dataset_kwargs: dict | None = None,        # open_dataset options of the training sets (xflip, cache); path set here.
-    sigma: float | None = None,                # Expected sigma_tau ([-1, 1] units); an error if the noisy set disagrees.
-    pretrained: str | None = None,             # Start from this network (any load_network input) instead of pretraining.
-    pretrain_kimg: float = 20000,              # Pretraining on D_clean, thousands of images.
-    iters: int = 10,                           # K, the number of SFBD iterations.
-    finetune_kimg: float = 2000,               # Fine-tuning per iteration, thousands of images.
-    finetune_lr: float | None = None,          # Fine-tune learning rate; None: that of train_kwargs.
-    finetune_lr_rampup_kimg: float | None = None,  # Fine-tune lr warm-up (restarted every iteration); None: train_kwargs'.
-    finetune_ema_halflife_kimg: float | None = None,  # Fine-tune EMA half-life; None: train_kwargs'.
-    clean_mix: float = 0.0,                    # Share of each fine-tune batch from D_clean; 0 = Algorithm 1 exactly.
-    denoise_steps: int = 18,                   # Steps of the full EDM schedule before truncation at sigma_tau.
-    denoise_solver: str = 'ode',               # 'ode' (Heun, probability flow; official code) or 'sde' (reverse SDE).
-    denoise_batch: int = 256,                  # Images per denoising chunk (also the unit of resumption).
-    denoise_dtype: str = 'uint8',              # Storage of E_k: 'uint8' (as the official PNGs) or 'float32'.
-    denoise_precision: str = 'fp32',           # 'fp32' | 'bf16' | 'auto' (perf.resolve_precision) of the backward sampler.
-    eval_every: int = 1,                       # FID every this many iterations (and of the last model); 0: never.
-    eval_num: int = 50000,                     # Generated images per FID.
-    eval_steps: int = 18,                      # Heun steps when generating for FID and sample grids.
-    eval_batch: int = 64,                      # Generation batch per process.
-    eval_precision: str = 'fp32',              # 'fp32' (FIDs comparable with EDM's) | 'bf16' | 'auto' of that generation.
-    fid_ref: str | None = None,                # Reference statistics (.npz path or URL); None: no FID.
-    detector: str = 'inception',               # FID feature detector (training.metrics.load_detector).
-    grid_num: int = 64,                        # Images in each samples.png; 0: none.
-    strip_num: int = 8,                        # Images in each strip.png (noisy | denoised | original); 0: none.
-    seed: int = 0,                             # Seed of pretraining (k = 0), fine-tune k (seed + k) and denoising.
-    device: str | None = None,                 # Default: this process's CUDA device, else the CPU.
-) -> str:
-    """Run SFBD's Algorithm 1 end to end in run_dir and return the path of the final network (on every rank).
+def _denoise(k: int, network: str, o: SFBDOptions, run: dnnlib.EasyDict) -> str:
+    """Step (a) of iteration k: E_k, the noisy set backward-denoised from sigma_tau by model k-1 (`network`)."""
+    denoised = os.path.join(iter_dir(run.run_dir, k), 'denoised')
+    if _main_reads_json(os.path.join(denoised, 'dataset.json')):
+        if distributed.is_main():
+            shutil.rmtree(denoised + '.parts', ignore_errors=True)  # a kill between merge and clean-up
+        return denoised
+    meta = dict(sfbd_iteration=k, denoised_from=o.noisy, sigma_tau=run.sigma_tau, solver=o.denoise_solver,
+                num_steps=o.denoise_steps, seed=o.seed, network=_relative(run.run_dir, network),
+                precision=perf.resolve_precision(o.denoise_precision, run.device, inference=True),
+                **{key: run.noisy.metadata.get(key) for key in ('source', 'source_indices', 'originals')})
+    return denoise_dataset(_inference_net(network, o.denoise_precision, o, run.device), run.noisy, denoised,
+                           sigma_tau=run.sigma_tau, num_steps=o.denoise_steps, solver=o.denoise_solver, seed=o.seed, k=k,
+                           batch_size=o.denoise_batch, dtype=o.denoise_dtype, device=run.device, metadata=meta)
+
+
+def run_sfbd(run_dir: str, device: str | torch.device | None = None, **kwargs: Any) -> str:
+    """Run SFBD's Algorithm 1 with options.SFBDOptions(**kwargs) in run_dir; return the final network's path (every rank).
 
     Launch with plain python or torchrun; denoising, training and FID generation are sharded over the
-    processes. Every phase is resumable: rerunning after a kill skips finished iterations, keeps
-    finished denoising chunks and resumes training from its newest state.
+    processes (`device`: default this process's CUDA device, else the CPU). Every phase is resumable:
+    rerunning after a kill skips finished iterations, keeps finished denoising chunks and resumes
+    training from its newest state.
     """
     distributed.init()
     run_dir = os.path.abspath(run_dir)
-    if pretrained is not None and not dnnlib.util.is_url(pretrained):
-        pretrained = os.path.abspath(pretrained)
     device = torch.device(device) if device is not None else distributed.device()
-    if denoise_solver not in ('ode', 'sde'):
-        raise UserError(f"Unknown --denoise-solver {denoise_solver!r}: use 'ode' or 'sde'")
-    if denoise_dtype not in ('uint8', 'float32'):
-        raise UserError(f"Unknown --denoise-dtype {denoise_dtype!r}: use 'uint8' or 'float32'")
-    for name, value in [('--denoise-precision', denoise_precision), ('--eval-precision', eval_precision)]:
-        if value not in perf.PRECISIONS:
-            raise UserError(f'Unknown {name} {value!r}: use one of {", ".join(perf.PRECISIONS)}')
-    for key in ('dataset_kwargs', 'total_kimg', 'seed', 'transfer', 'resume', 'mix_dataset_kwargs', 'mix_fraction'):
-        assert key not in train_kwargs, key
-    o = dnnlib.EasyDict(clean=os.path.abspath(clean), noisy=os.path.abspath(noisy), train_kwargs=train_kwargs,
-                        dataset_kwargs=dataset_kwargs or {}, sigma=sigma, pretrained=pretrained, pretrain_kimg=pretrain_kimg,
-                        iters=iters, finetune_kimg=finetune_kimg, finetune_lr=finetune_lr,
-                        finetune_lr_rampup_kimg=finetune_lr_rampup_kimg, finetune_ema_halflife_kimg=finetune_ema_halflife_kimg,
-                        clean_mix=clean_mix, denoise_steps=denoise_steps, denoise_solver=denoise_solver,
-                        denoise_batch=denoise_batch, denoise_dtype=denoise_dtype, denoise_precision=denoise_precision,
-                        eval_every=eval_every, eval_num=eval_num, eval_steps=eval_steps, eval_batch=eval_batch,
-                        eval_precision=eval_precision, fid_ref=fid_ref, detector=detector, grid_num=grid_num,
-                        strip_num=strip_num, seed=seed)
-    o = dnnlib.EasyDict(json.loads(json.dumps(o, default=json_default)))  # exactly what sfbd_options.json holds
-    clean_set, noisy_set, originals, det, ref = _check_inputs(o, device)
-    _check_options_match(run_dir, o)
+    o = SFBDOptions(**kwargs)
+    o.clean, o.noisy = os.path.abspath(o.clean), os.path.abspath(o.noisy)
+    if o.pretrained is not None and not dnnlib.util.is_url(o.pretrained):
+        o.pretrained = os.path.abspath(o.pretrained)
+    o.check()
+    o = SFBDOptions(**o.to_json())  # exactly what sfbd_options.json holds
+    run = _open_inputs(o, device)
+    run.run_dir = run_dir
+    _check_options_match(run_dir, o.to_json())
     distributed.barrier()
     if distributed.is_main():
         os.makedirs(run_dir, exist_ok=True)
-        _write_json(os.path.join(run_dir, OPTIONS_FILE), o)
+        _write_json(os.path.join(run_dir, OPTIONS_FILE), o.to_json())
     distributed.barrier()
-    o.run_dir = run_dir
-
     with dnnlib.util.tee_output(os.path.join(run_dir, 'log.txt') if distributed.is_main() else None):
-        sigma_tau = noisy_set.sigma
-        distributed.print0(f'SFBD in {run_dir}: {len(clean_set)} clean and {len(noisy_set)} noisy images '
-                           f'({noisy_set.resolution}x{noisy_set.resolution}x{noisy_set.num_channels}), sigma_tau {sigma_tau:g} '
-                           f'([-1, 1] units), {o.iters} iteration(s) on {distributed.get_world_size()} process(es)')
-        if originals is None:
-            distributed.print0('The noisy set names no originals: denoising error not measured')
-        if det is None:
-            distributed.print0('No --fid-ref (or --eval-every 0): FID not measured')
-        ds_kwargs = dict(class_name='training.dataset.open_dataset', **o.dataset_kwargs)
+        return _algorithm1(o, run)
 
-        # Model 0: the given network, or pretraining on D_clean.
-        if o.pretrained is not None:
-            network = o.pretrained
-        else:
-            network = _train(os.path.join(run_dir, 'pretrain'), dataset_kwargs={**ds_kwargs, 'path': o.clean},
-                             total_kimg=o.pretrain_kimg, seed=o.seed, **o.train_kwargs)
 
-        ft = _finetune_kwargs(o, ds_kwargs)
-        records: list[dict] = []
-        times: list[float] = []
-        for k in range(o.iters + 1):
-            d = iter_dir(run_dir, k)
-            done = _main_reads_json(os.path.join(d, 'DONE'))
-            if done is not None:
-                records.append(done['metrics'])
-                network = _resolve(run_dir, done['network'])
-                continue
-            start_time = time.time()
-            if k > 0:
-                distributed.print0(f'\n=== SFBD iteration {k}/{o.iters}: denoise with {_relative(run_dir, network)}, then fine-tune ===')
-                denoised = os.path.join(d, 'denoised')
-                if _main_reads_json(os.path.join(denoised, 'dataset.json')):
-                    if distributed.is_main():
-                        shutil.rmtree(denoised + '.parts', ignore_errors=True)  # a kill between merge and clean-up
-                else:
-                    meta = dict(sfbd_iteration=k, denoised_from=o.noisy, sigma_tau=sigma_tau, solver=o.denoise_solver,
-                                num_steps=o.denoise_steps, seed=o.seed, network=_relative(run_dir, network),
-                                precision=perf.resolve_precision(o.denoise_precision, device),
-                                **{key: noisy_set.metadata.get(key) for key in ('source', 'source_indices', 'originals')})
-                    denoise_dataset(_inference_net(network, o.denoise_precision, o, device), noisy_set, denoised,
-                                    sigma_tau=sigma_tau, num_steps=o.denoise_steps, solver=o.denoise_solver, seed=o.seed,
-                                    k=k, batch=o.denoise_batch, dtype=o.denoise_dtype, device=device, metadata=meta)
-                network = _train(os.path.join(d, 'finetune'), dataset_kwargs={**ds_kwargs, 'path': denoised},
-                                 transfer=network, seed=o.seed + k, **ft)
-            record = _evaluate(k, network, o, noisy_set, originals, det, ref, device)
-            record['sec'] = time.time() - start_time
-            _finish(k, record, records, o)
-            if k > 0:
-                times.append(record['sec'])
-                eta = sum(times) / len(times) * (o.iters - k)
-                distributed.print0(f'Iteration {k}/{o.iters} done in {dnnlib.util.format_time(record["sec"])}; '
-                                   f'ETA {dnnlib.util.format_time(eta)}')
-
-        distributed.print0('\nSFBD summary (MSE/PSNR: E_k against the originals, [-1, 1] units):')
-        distributed.print0(format_summary(records))
-        distributed.print0(f'\nFinal network: {network}')
+def _algorithm1(o: SFBDOptions, run: dnnlib.EasyDict) -> str:
+    """Model 0, then for k = 1..K: (a) denoise with model k-1, (b) fine-tune it on E_k, (c) evaluate; skipping what is DONE."""
+    distributed.print0(f'SFBD in {run.run_dir}: {len(run.clean)} clean and {len(run.noisy)} noisy images '
+                       f'({run.noisy.resolution}x{run.noisy.resolution}x{run.noisy.num_channels}), sigma_tau {run.sigma_tau:g} '
+                       f'([-1, 1] units), {o.iters} iteration(s) on {distributed.get_world_size()} process(es)')
+    if run.originals is None:
+        distributed.print0('The noisy set names no originals: denoising error not measured')
+    if run.detector is None:
+        distributed.print0('No --fid-ref (or --eval-every 0): FID not measured')
+    # Model 0: the given network, or pretraining on D_clean.
+    network = o.pretrained
+    if network is None:
+        network = _train_once(os.path.join(run.run_dir, 'pretrain'), **options.pretrain_kwargs(o))
+    records: list[dict] = []
+    times: list[float] = []
+    for k in range(o.iters + 1):
+        d = iter_dir(run.run_dir, k)
+        done = _main_reads_json(os.path.join(d, 'DONE'))
+        if done is not None:
+            records.append(done['metrics'])
+            network = _resolve(run.run_dir, done['network'])
+            continue
+        start_time = time.time()
+        if k > 0:
+            distributed.print0(f'\n=== SFBD iteration {k}/{o.iters}: denoise with {_relative(run.run_dir, network)}, then fine-tune ===')
+            denoised = _denoise(k, network, o, run)
+            network = _train_once(os.path.join(d, 'finetune'), **options.finetune_kwargs(o, k, network, denoised))
+        record = _evaluate(k, network, o, run)
+        record['sec'] = time.time() - start_time
+        _finish(k, record, records, run.run_dir)
+        if k > 0:
+            times.append(record['sec'])
+            eta = sum(times) / len(times) * (o.iters - k)
+            distributed.print0(f'Iteration {k}/{o.iters} done in {dnnlib.util.format_time(record["sec"])}; '
+                               f'ETA {dnnlib.util.format_time(eta)}')
+    distributed.print0('\nSFBD summary (MSE/PSNR: E_k against the originals, [-1, 1] units):')
+    distributed.print0(format_summary(records))
+    distributed.print0(f'\nFinal network: {network}')
     return network

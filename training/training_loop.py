@@ -1,6 +1,5 @@
 """The EDM training loop: DDP, gradient accumulation, EMA, exactly resumable data order, snapshots."""
 
-import contextlib
 import copy
 import itertools
 import json
@@ -17,7 +16,9 @@ import dnnlib
 from dnnlib.util import UserError
 from torch_utils import distributed, misc, perf, rng, training_stats
 from training import checkpoint
-from training.dataset import json_default, to_model_space
+from training.dataset import Dataset
+from training.images import to_model_space
+from training.options import ADAM, TrainingOptions
 
 # Key spaces of torch_utils.rng.derive_seed(seed, KEY, ...), so no two uses share a stream.
 _KEY_STEP, _KEY_ORDER, _KEY_MIX_ORDER, _KEY_DROPOUT = 0, 1, 2, 3
@@ -164,7 +165,8 @@ def _truncate_stats(path: str, kimg: float) -> None:
         return
     with open(path) as f:
         lines = [line for line in f if line.strip()]
-    keep = [line for line in lines if json.loads(line).get('Progress/kimg', {}).get('mean', 0) <= kimg + 1e-9]
+    # The logged kimg went through float32: compare with its precision, not exactly.
+    keep = [line for line in lines if json.loads(line).get('Progress/kimg', {}).get('mean', 0) <= kimg * (1 + 1e-6) + 1e-9]
     if len(keep) != len(lines):
         with dnnlib.util.atomic_write(path, 'w') as f:
             f.writelines(keep)
@@ -228,122 +230,98 @@ def _build_optimizer(params: list[torch.nn.Parameter], optimizer_kwargs: dict) -
 
 #----------------------------------------------------------------------------
 
-def training_loop(
-    run_dir: str,                                  # Output directory (created; log.txt, stats.jsonl, snapshots).
-    *,
-    dataset_kwargs: dict,                          # training.dataset.open_dataset arguments: path, xflip, use_labels, cache, max_size.
-    network_kwargs: dict | None = None,            # class_name + constructor kwargs; None: the --transfer / --resume network's own.
-    loss_kwargs: dict | None = None,               # class_name + kwargs of the loss; None: EDMLoss with its defaults.
-    optimizer_kwargs: dict | None = None,          # class_name + kwargs; None: fused Adam(lr 1e-3, betas 0.9/0.999, eps 1e-8).
-    augment_kwargs: dict | None = None,            # class_name + kwargs of the augment pipe; None: no augmentation.
-    data_loader_kwargs: dict | None = None,        # torch DataLoader options (num_workers, prefetch_factor).
-    mix_dataset_kwargs: dict | None = None,        # Second data set mixed into every batch (SFBD --clean-mix).
-    mix_fraction: float = 0.0,                     # Share of each global batch from the mix data set: round(f * batch).
-    seed: int = 0,                                 # Seed of the initialisation, data order, noise and augmentation.
-    batch_size: int = 512,                         # Global batch: images per optimizer step over all processes.
-    batch_gpu: int | None = None,                  # Limit per-process batch (gradient accumulation); None: no limit.
-    total_kimg: float = 200000,                    # Training duration in thousands of images.
-    ema_halflife_kimg: float = 500,                # EMA half-life in thousands of images.
-    ema_rampup_ratio: float | None = 0.05,         # Half-life at most this times the images seen; None: no ramp-up.
-    lr_rampup_kimg: float = 10000,                 # Learning-rate warm-up in thousands of images (restarts on a fine-tune).
-    loss_scaling: float = 1.0,                     # Loss multiplier against fp16 underflow.
-    precision: str = 'fp32',                       # 'fp32' | 'bf16' (autocast) | 'auto' | 'fp16' (EDM's network-internal fp16).
-    channels_last: bool = False,                   # Weights and images in channels_last (NHWC) memory format.
-    compile: bool = False,                         # Wrap the network in torch.compile.
-    kimg_per_tick: float = 50,                     # Progress line every this many thousands of images.
-    snapshot_ticks: int | None = 50,               # Network snapshot (EMA) every this many ticks; None: only the final one.
-    state_dump_ticks: int | None = 500,            # Training state every this many ticks; None: only the final one.
-    keep_last: int | None = None,                  # Keep only the newest N snapshots and N states; None: keep all.
-    transfer: str | torch.nn.Module | None = None, # Start from these weights (copied into net and EMA); any load_network input.
-    resume: str | None = None,                     # Continue a training state: a training-state-*.pt or a run directory (newest).
-    cudnn_benchmark: bool = True,                  # Let cuDNN pick convolution algorithms.
-    device: str | torch.device | None = None,      # Default: this process's CUDA device, else the CPU.
-) -> str:
-    """Train a denoiser EDM-style; return the path of the final network snapshot (on every rank).
+def training_loop(run_dir: str, device: str | torch.device | None = None, **kwargs: Any) -> str:
+    """Train a denoiser EDM-style with training.options.TrainingOptions(**kwargs); return the final snapshot's path.
 
-    Launch with plain python (one process) or torchrun (one process per GPU; gloo on CPU). A fine-tune
-    passes `transfer` (fresh Adam, lr warm-up restarted, images counted from 0); `resume` continues a
-    training state exactly (weights, EMA, Adam, image counter, RNG, data order) and takes precedence
-    over `transfer`, whose weights that state already descends from.
+    Launch with plain python (one process) or torchrun (one process per GPU; gloo on CPU); `device`
+    defaults to this process's CUDA device, else the CPU. A fine-tune passes `transfer` (fresh Adam,
+    lr warm-up restarted, images counted from 0); `resume` continues a training state exactly
+    (weights, EMA, Adam, image counter, RNG, data order) and takes precedence over `transfer`, whose
+    weights that state already descends from. Every input is checked before run_dir is created.
     """
     start_time = time.time()
     distributed.init()
     device = torch.device(device) if device is not None else distributed.device()
-    rank, world_size = distributed.get_rank(), distributed.get_world_size()
-    batch_gpu, num_rounds = batch_layout(batch_size, batch_gpu, world_size)
-    batch_gpu_total = batch_gpu * num_rounds
-    if not 0 <= mix_fraction <= 1:
-        raise UserError(f'mix_fraction must be in [0, 1], got {mix_fraction}')
-    if precision not in ('fp32', 'bf16', 'auto', 'fp16'):
-        raise UserError(f'Unknown precision {precision!r}: use fp32, bf16, auto or fp16')
-    if (network_kwargs is None) and (transfer is None) and (resume is None):
-        raise UserError('network_kwargs is required unless transferring or resuming')
-    loss_kwargs = loss_kwargs or dict(class_name='training.loss.EDMLoss')
-    optimizer_kwargs = optimizer_kwargs or dict(class_name='torch.optim.Adam', lr=1e-3, betas=[0.9, 0.999], eps=1e-8, fused=True)
-    resume_path = _resolve_resume(resume) if resume is not None else None
+    options = TrainingOptions(**kwargs)
+    options.check()
+    batch_gpu, num_rounds = batch_layout(options.batch_size, options.batch_gpu, distributed.get_world_size())
+    resume_path = _resolve_resume(options.resume) if options.resume is not None else None
+    # What training_options.json records: training_loop(**o) repeats the run.
+    o = dict(run_dir=run_dir, **options.to_json())
+    o.update(resume=resume_path, loss_kwargs=o['loss_kwargs'] or dict(class_name='training.loss.EDMLoss'),
+             optimizer_kwargs=o['optimizer_kwargs'] or dict(ADAM))
+    perf.configure_backends(device, options.cudnn_benchmark)
 
-    options = dict(run_dir=run_dir, dataset_kwargs=dataset_kwargs, network_kwargs=network_kwargs, loss_kwargs=loss_kwargs,
-                   optimizer_kwargs=optimizer_kwargs, augment_kwargs=augment_kwargs, data_loader_kwargs=data_loader_kwargs,
-                   mix_dataset_kwargs=mix_dataset_kwargs, mix_fraction=mix_fraction, seed=seed, batch_size=batch_size,
-                   batch_gpu=batch_gpu, total_kimg=total_kimg, ema_halflife_kimg=ema_halflife_kimg,
-                   ema_rampup_ratio=ema_rampup_ratio, lr_rampup_kimg=lr_rampup_kimg, loss_scaling=loss_scaling,
-                   precision=precision, channels_last=channels_last, compile=compile, kimg_per_tick=kimg_per_tick,
-                   snapshot_ticks=snapshot_ticks, state_dump_ticks=state_dump_ticks, keep_last=keep_last,
-                   transfer=transfer if not isinstance(transfer, torch.nn.Module) else f'<{type(transfer).__name__} object>',
-                   resume=resume_path, cudnn_benchmark=cudnn_benchmark)
-    # Plain JSON types (the state must load with weights_only); training_loop(**options) repeats the run.
-    options = json.loads(json.dumps(options, default=json_default))
-    with contextlib.ExitStack() as log_scope:
-        return _train(run_dir, options, log_scope, resume_path, transfer, device, batch_gpu, num_rounds, batch_gpu_total,
-                      start_time, cudnn_benchmark)
-
-
-def _train(run_dir: str, o: dict, log_scope: contextlib.ExitStack, resume_path: str | None, transfer: Any,
-           device: torch.device, batch_gpu: int, num_rounds: int, batch_gpu_total: int, start_time: float,
-           cudnn_benchmark: bool) -> str:
-    """The body of training_loop: load and check everything, then create the run directory and train."""
-    rank, world_size = distributed.get_rank(), distributed.get_world_size()
-    seed, batch_size = o['seed'], o['batch_size']
-    perf.configure_backends(device, cudnn_benchmark)
-    autocast_precision = 'fp32' if o['precision'] == 'fp16' else o['precision']
-
-    # Data sets.
+    # 1. The data.
     distributed.print0('Loading dataset...')
+    dataset, mix, num_mix = _open_data(o)
+    # 2. Where the weights come from: a training state, transferred weights, or a fresh initialisation.
+    state, source = _load_start(o, resume_path, options.transfer, dataset)
+    # 3. Network, EMA, loss, augmentation, optimizer, counters.
+    t = _build(o, dataset, state, source, device)
+    t.update(run_dir=run_dir, device=device, batch_gpu=batch_gpu, num_rounds=num_rounds, num_mix=num_mix,
+             total_nimg=int(round(o['total_kimg'] * 1000)), start_time=start_time)
+    # 4. Every input checked: only now does the run directory appear, and log.txt starts.
+    if distributed.is_main():
+        _start_run_dir(run_dir, o)
+    distributed.barrier()
+    with dnnlib.util.tee_output(os.path.join(run_dir, 'log.txt') if distributed.is_main() else None):
+        _print_start(t, o, dataset, mix, resume_path)
+        if t.cur_nimg >= t.total_nimg:
+            # A state that already reached the duration (e.g. a rerun after the end) trains no further.
+            distributed.print0(f'The state is at {t.cur_nimg / 1e3:g} kimg, not before the end ({o["total_kimg"]:g} kimg): nothing to train')
+            return _save_snapshot(run_dir, t.ema, o, t.cur_nimg)
+        # 5. The loader: an endless batch sampler from this step on, so the order survives a resume.
+        data_iter = _make_loader(t, o, dataset, mix)
+        _restore_rng(t, o, state, resume_path)
+        del state
+        # 6. Train: steps, and at the end of every tick the progress line, snapshots and states.
+        return _train(t, o, data_iter)
+
+
+def _open_data(o: dict) -> tuple[Dataset, Dataset | None, int]:
+    """(training set, mix set or None, images per batch from the mix set)."""
     dataset = dnnlib.util.construct_class_by_name(**{'class_name': 'training.dataset.open_dataset', **o['dataset_kwargs']})
-    num_mix = int(round(o['mix_fraction'] * batch_size))
+    num_mix = int(round(o['mix_fraction'] * o['batch_size']))
     mix = None
     if num_mix > 0:
         mix = dnnlib.util.construct_class_by_name(**{'class_name': 'training.dataset.open_dataset', **o['mix_dataset_kwargs']})
         if (mix.image_shape, mix.label_dim) != (dataset.image_shape, dataset.label_dim):
             raise UserError(f'The mix data set has images {mix.image_shape} and {mix.label_dim} label dims; '
                             f'the training set has {dataset.image_shape} and {dataset.label_dim}')
+    return dataset, mix, num_mix
 
-    # Sources of weights.
+
+def _load_start(o: dict, resume_path: str | None, transfer: Any, dataset: Dataset) -> tuple[dict | None, torch.nn.Module | None]:
+    """(training state or None, network whose weights to transfer or None); a state wins over a transfer."""
     state = None
     if resume_path is not None:
         distributed.print0(f'Loading training state from "{resume_path}"...')
         state = checkpoint.load_training_state(resume_path)
-        if (state.get('options') or {}).get('seed', seed) != seed:
+        if (state.get('options') or {}).get('seed', o['seed']) != o['seed']:
             # The seed keys the data order and the noise: only the state's own continues the run exactly.
-            distributed.print0(f'Resuming with the state\'s seed {state["options"]["seed"]}, not {seed}')
-            seed = o['seed'] = state['options']['seed']
+            distributed.print0(f'Resuming with the state\'s seed {state["options"]["seed"]}, not {o["seed"]}')
+            o['seed'] = state['options']['seed']
         if transfer is not None:
             distributed.print0('Resuming: the state continues the transferred run, so its weights are used, not --transfer\'s')
-            transfer = None
-    source = None
-    if transfer is not None:
-        distributed.print0(f'Transferring weights from {transfer if isinstance(transfer, str) else type(transfer).__name__}...')
-        source = transfer if isinstance(transfer, torch.nn.Module) else checkpoint.load_network(transfer, device='cpu')
-        checkpoint.check_network_matches(source, dataset.resolution, dataset.num_channels)
-        if source.label_dim != dataset.label_dim:
-            raise UserError(f'The transferred network takes {source.label_dim} label dims; the data set has {dataset.label_dim} (--cond?)')
+        return state, None
+    if transfer is None:
+        return None, None
+    distributed.print0(f'Transferring weights from {transfer if isinstance(transfer, str) else type(transfer).__name__}...')
+    source = transfer if isinstance(transfer, torch.nn.Module) else checkpoint.load_network(transfer, device='cpu')
+    checkpoint.check_network_matches(source, dataset.resolution, dataset.num_channels)
+    if source.label_dim != dataset.label_dim:
+        raise UserError(f'The transferred network takes {source.label_dim} label dims; the data set has {dataset.label_dim} (--cond?)')
+    return None, source
 
-    # Network, EMA, loss, optimizer. The same seed on every rank gives identical initial weights.
+
+def _build(o: dict, dataset: Dataset, state: dict | None, source: torch.nn.Module | None, device: torch.device) -> dnnlib.EasyDict:
+    """net, ema, loss_fn, augment_pipe, optimizer, cur_nimg, cur_tick. The same seed on every rank gives identical weights."""
     distributed.print0('Constructing network...')
-    torch.manual_seed(seed)
+    torch.manual_seed(o['seed'])
     if o['network_kwargs'] is not None:
-        net_kwargs = dict(o['network_kwargs'])
-        net_kwargs.update(img_resolution=dataset.resolution, img_channels=dataset.num_channels, label_dim=dataset.label_dim)
+        net_kwargs = dict(o['network_kwargs'], img_resolution=dataset.resolution, img_channels=dataset.num_channels,
+                          label_dim=dataset.label_dim)
         if o['precision'] == 'fp16':
             net_kwargs['use_fp16'] = True
         net = dnnlib.util.construct_class_by_name(**net_kwargs)
@@ -359,153 +337,162 @@ def _train(run_dir: str, o: dict, log_scope: contextlib.ExitStack, resume_path: 
         _check_transfer(source, net, 'The transferred network')
         misc.copy_params_and_buffers(src_module=source, dst_module=net)
         misc.copy_params_and_buffers(src_module=source, dst_module=ema)
-        del source
-    loss_fn = dnnlib.util.construct_class_by_name(**o['loss_kwargs'])
-    augment_pipe = dnnlib.util.construct_class_by_name(**o['augment_kwargs']) if o['augment_kwargs'] is not None else None
-    optimizer = _build_optimizer(list(net.parameters()), o['optimizer_kwargs'])
-    base_lr = o['optimizer_kwargs']['lr']
-
-    cur_nimg, cur_tick = 0, 0
+    t = dnnlib.EasyDict(net=net, ema=ema, cur_nimg=0, cur_tick=0, loss_fn=dnnlib.util.construct_class_by_name(**o['loss_kwargs']),
+                        augment_pipe=dnnlib.util.construct_class_by_name(**o['augment_kwargs']) if o['augment_kwargs'] else None,
+                        optimizer=_build_optimizer(list(net.parameters()), o['optimizer_kwargs']))
     if state is not None:
         try:
             net.load_state_dict(state['net'])
             ema.load_state_dict(state['ema'])
         except RuntimeError as e:
-            raise UserError(f'{resume_path} does not fit the network options given: {str(e).splitlines()[0]}')
-        optimizer.load_state_dict(state['optimizer'])
-        cur_nimg, cur_tick = int(state['cur_nimg']), int(state['cur_tick'])
-    # Every input checked: only now does the run directory appear, and log.txt starts.
-    if rank == 0:
-        _start_run_dir(run_dir, o)
-    distributed.barrier()
-    log_scope.enter_context(dnnlib.util.tee_output(os.path.join(run_dir, 'log.txt') if rank == 0 else None))
-    distributed.print0(f'Run directory: {run_dir}')
+            raise UserError(f'{o["resume"]} does not fit the network options given: {str(e).splitlines()[0]}')
+        t.optimizer.load_state_dict(state['optimizer'])
+        t.cur_nimg, t.cur_tick = int(state['cur_nimg']), int(state['cur_tick'])
+    return t
+
+
+def _print_start(t: dnnlib.EasyDict, o: dict, dataset: Dataset, mix: Dataset | None, resume_path: str | None) -> None:
+    distributed.print0(f'Run directory: {t.run_dir}')
     distributed.print0(f'Training images: {len(dataset)} from {o["dataset_kwargs"].get("path")}' +
-                       (f'; {num_mix} of each batch of {batch_size} from a mix set of {len(mix)}' if mix else ''))
+                       (f'; {t.num_mix} of each batch of {o["batch_size"]} from a mix set of {len(mix)}' if mix else ''))
     if resume_path is not None:
-        distributed.print0(f'Resuming from {resume_path} at {cur_nimg / 1e3:g} kimg, tick {cur_tick}')
+        distributed.print0(f'Resuming from {resume_path} at {t.cur_nimg / 1e3:g} kimg, tick {t.cur_tick}')
     elif o['transfer'] is not None:
         distributed.print0(f'Transferred weights from {o["transfer"]}')
-    distributed.print0(f'Network: {type(net).__name__}, {misc.count_parameters(net):,} parameters')
-    # A state that already reached the duration (e.g. a rerun after the end) trains no further.
-    total_nimg = int(round(o['total_kimg'] * 1000))
-    if cur_nimg >= total_nimg:
-        distributed.print0(f'The state is at {cur_nimg / 1e3:g} kimg, not before the end ({o["total_kimg"]:g} kimg): nothing to train')
-        return _save_snapshot(run_dir, ema, o, cur_nimg)
-    ddp = net
-    if distributed.is_distributed():
-        ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == 'cuda' else None)
-    model = perf.prepare_for_training(ddp, compile=o['compile'])  # ddp itself stays for no_sync().
+    distributed.print0(f'Network: {type(t.net).__name__}, {misc.count_parameters(t.net):,} parameters')
 
-    # Data loader: an endless batch sampler starting at this step, so the order survives a resume.
-    step = cur_nimg // batch_size
-    order = BatchOrder(len(dataset), len(mix) if mix else 0, num_mix, batch_size, batch_gpu, num_rounds, rank, seed, start_step=step)
+
+def _make_loader(t: dnnlib.EasyDict, o: dict, dataset: Dataset, mix: Dataset | None) -> Iterator:
+    """DDP and torch.compile wrappers of the network (t.ddp, t.model) and the endless batch iterator from t.cur_nimg on."""
+    t.ddp = t.net
+    if distributed.is_distributed():
+        t.ddp = torch.nn.parallel.DistributedDataParallel(t.net, device_ids=[t.device] if t.device.type == 'cuda' else None)
+    t.model = perf.prepare_for_training(t.ddp, compile=o['compile'])  # ddp itself stays for no_sync().
+    t.step = t.cur_nimg // o['batch_size']
+    order = BatchOrder(len(dataset), len(mix) if mix else 0, t.num_mix, o['batch_size'], t.batch_gpu, t.num_rounds,
+                       distributed.get_rank(), o['seed'], start_step=t.step)
     loader_kwargs = {'num_workers': 1, 'prefetch_factor': 2, **(o['data_loader_kwargs'] or {})}
     if loader_kwargs['num_workers'] == 0:
         loader_kwargs.pop('prefetch_factor')
-    loader = torch.utils.data.DataLoader(_TrainingSet(dataset, mix), batch_sampler=order, pin_memory=(device.type == 'cuda'),
-                                         generator=torch.Generator().manual_seed(seed), **loader_kwargs)
-    data_iter = iter(loader)
+    loader = torch.utils.data.DataLoader(_TrainingSet(dataset, mix), batch_sampler=order, pin_memory=(t.device.type == 'cuda'),
+                                         generator=torch.Generator().manual_seed(o['seed']), **loader_kwargs)
+    return iter(loader)
 
-    # Dropout draws from each rank's global RNG: restored on resume, else keyed by (seed, rank).
-    if state is None or not _set_rng_state(state['rng'], device):
-        torch.manual_seed(rng.derive_seed(seed, _KEY_DROPOUT, cur_nimg, rank))
-    if state is not None and os.path.abspath(os.path.dirname(resume_path)) == os.path.abspath(run_dir) and rank == 0:
-        _truncate_stats(os.path.join(run_dir, 'stats.jsonl'), cur_nimg / 1e3)
-    del state
 
-    # Train.
-    distributed.print0(f'Training for {o["total_kimg"]:g} kimg on {world_size} process(es), batch {batch_size} '
-                       f'({batch_gpu} x {num_rounds} round(s) per process), precision {o["precision"]}...\n')
-    collector = training_stats.Collector(regex='.*', keep_previous=False)
-    tick_start_nimg, tick_start_time = cur_nimg, time.time()
-    maintenance_time = tick_start_time - start_time
-    perf.reset_peak_memory(device)
+def _restore_rng(t: dnnlib.EasyDict, o: dict, state: dict | None, resume_path: str | None) -> None:
+    """Dropout draws from each rank's global RNG: restored on resume, else keyed by (seed, images seen, rank).
+    Resuming into the state's own directory drops the stats.jsonl records past the state."""
+    if state is None or not _set_rng_state(state['rng'], t.device):
+        torch.manual_seed(rng.derive_seed(o['seed'], _KEY_DROPOUT, t.cur_nimg, distributed.get_rank()))
+    if state is not None and os.path.abspath(os.path.dirname(resume_path)) == os.path.abspath(t.run_dir) and distributed.is_main():
+        _truncate_stats(os.path.join(t.run_dir, 'stats.jsonl'), t.cur_nimg / 1e3)
+
+
+def _train(t: dnnlib.EasyDict, o: dict, data_iter: Iterator) -> str:
+    """Steps until total_kimg; a progress line, stats.jsonl record, snapshot and state at tick ends. Returns the final snapshot."""
+    distributed.print0(f'Training for {o["total_kimg"]:g} kimg on {distributed.get_world_size()} process(es), batch {o["batch_size"]} '
+                       f'({t.batch_gpu} x {t.num_rounds} round(s) per process), precision {o["precision"]}...\n')
+    t.collector = training_stats.Collector(regex='.*', keep_previous=False)
+    t.tick_start_nimg, t.tick_start_time = t.cur_nimg, time.time()
+    t.maintenance_time = t.tick_start_time - t.start_time
+    perf.reset_peak_memory(t.device)
     final_snapshot = None
     while True:
-        # Accumulate gradients over rounds; every row's randomness is keyed by (seed, step, row).
-        optimizer.zero_grad(set_to_none=True)
-        step_seed = rng.derive_seed(seed, _KEY_STEP, step)
-        for round_idx in range(num_rounds):
-            images, labels = next(data_iter)
-            images = perf.to_channels_last(images.to(device, non_blocking=True), o['channels_last'])
-            labels = labels.to(device, non_blocking=True)
-            start = rank * batch_gpu_total + round_idx * batch_gpu
-            rnd = rng.BatchRandom(step_seed, batch_size, start, start + batch_gpu, device)
-            with misc.ddp_sync(ddp, round_idx == num_rounds - 1):
-                with perf.autocast(device, autocast_precision):
-                    loss = loss_fn(net=model, images=images, labels=labels, augment_pipe=augment_pipe, rnd=rnd)
-                training_stats.report('Loss/loss', loss)
-                loss.sum().mul(o['loss_scaling'] / batch_gpu_total).backward()
-
-        # Update weights: lr warm-up, NaN guard, Adam.
-        lr = base_lr * min(cur_nimg / max(o['lr_rampup_kimg'] * 1000, 1e-8), 1)
-        for g in optimizer.param_groups:
-            g['lr'] = lr
-        misc.sanitize_grads(net.parameters())
-        optimizer.step()
-
-        # EMA with ramp-up: the half-life is at most ema_rampup_ratio times the images seen.
-        ema_halflife_nimg = o['ema_halflife_kimg'] * 1000
-        if o['ema_rampup_ratio'] is not None:
-            ema_halflife_nimg = min(ema_halflife_nimg, cur_nimg * o['ema_rampup_ratio'])
-        ema_beta = 0.5 ** (batch_size / max(ema_halflife_nimg, 1e-8))
-        with torch.no_grad():
-            torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - ema_beta)  # One kernel per group, not per tensor.
-
-        cur_nimg += batch_size
-        step += 1
-        done = cur_nimg >= total_nimg
+        _step(t, o, data_iter)
+        done = t.cur_nimg >= t.total_nimg
         # The first tick of a fresh run ends after one step, so a broken setup shows at once (EDM).
-        if not done and cur_tick != 0 and cur_nimg < tick_start_nimg + o['kimg_per_tick'] * 1000:
+        if not done and t.cur_tick != 0 and t.cur_nimg < t.tick_start_nimg + o['kimg_per_tick'] * 1000:
             continue
-
-        # Progress line; the same numbers go to stats.jsonl.
-        tick_end_time = time.time()
-        sec_per_kimg = (tick_end_time - tick_start_time) / (cur_nimg - tick_start_nimg) * 1e3
-        training_stats.report0('Progress/tick', cur_tick)
-        training_stats.report0('Progress/kimg', cur_nimg / 1e3)
-        training_stats.report0('Progress/lr', lr)
-        training_stats.report0('Timing/total_sec', tick_end_time - start_time)
-        training_stats.report0('Timing/sec_per_tick', tick_end_time - tick_start_time)
-        training_stats.report0('Timing/sec_per_kimg', sec_per_kimg)
-        training_stats.report0('Timing/maintenance_sec', maintenance_time)
-        training_stats.report0('Resources/cpu_mem_gb', psutil.Process(os.getpid()).memory_info().rss / 2**30)
-        training_stats.report0('Resources/peak_mem_gb', perf.peak_memory(device) / 2**30)
-        collector.update()
-        perf.reset_peak_memory(device)
-        eta = (total_nimg - cur_nimg) / 1e3 * sec_per_kimg
-        distributed.print0(' '.join([
-            f'tick {cur_tick:<5d}',
-            f'kimg {cur_nimg / 1e3:<9.3f}',
-            f'time {dnnlib.util.format_time(tick_end_time - start_time):<8s}',
-            f'sec/kimg {sec_per_kimg:<7.2f}',
-            f'ETA {dnnlib.util.format_time(eta):<8s}',
-            f'loss {collector.mean("Loss/loss"):<8.4f}',
-            f'maintenance {maintenance_time:<5.1f}',
-            f'cpumem {collector.mean("Resources/cpu_mem_gb"):<5.2f}',
-            f'peakmem {collector.mean("Resources/peak_mem_gb"):<5.2f}',
-        ]))
-        training_stats.append_jsonl(os.path.join(run_dir, 'stats.jsonl'), dict(collector.as_dict(), timestamp=time.time()))
-
+        tick_end_time = _report_tick(t, o)
         # Network snapshot (EMA weights) and full training state; always both at the end.
-        if done or (o['snapshot_ticks'] is not None and cur_tick % o['snapshot_ticks'] == 0):
-            final_snapshot = _save_snapshot(run_dir, ema, o, cur_nimg)
-        if done or (o['state_dump_ticks'] is not None and cur_tick % o['state_dump_ticks'] == 0 and cur_tick != 0):
-            rng_state = _rng_state(device)
-            if rank == 0:
-                checkpoint.save_training_state(os.path.join(run_dir, f'training-state-{cur_nimg // 1000:06d}.pt'), net=net, ema=ema,
-                                               optimizer=optimizer, cur_nimg=cur_nimg, cur_tick=cur_tick + 1,
-                                               rng=rng_state, options=o)
-                _prune(run_dir, _STATE_RE, o['keep_last'])
-
-        cur_tick += 1
-        tick_start_nimg, tick_start_time = cur_nimg, time.time()
-        maintenance_time = tick_start_time - tick_end_time
+        if done or (o['snapshot_ticks'] is not None and t.cur_tick % o['snapshot_ticks'] == 0):
+            final_snapshot = _save_snapshot(t.run_dir, t.ema, o, t.cur_nimg)
+        if done or (o['state_dump_ticks'] is not None and t.cur_tick % o['state_dump_ticks'] == 0 and t.cur_tick != 0):
+            _save_state(t, o)
+        t.cur_tick += 1
+        t.tick_start_nimg, t.tick_start_time = t.cur_nimg, time.time()
+        t.maintenance_time = t.tick_start_time - tick_end_time
         if done:
             break
-
     del data_iter
     distributed.barrier()
     distributed.print0(f'Done: {final_snapshot}')
     return final_snapshot
+
+
+def _step(t: dnnlib.EasyDict, o: dict, data_iter: Iterator) -> None:
+    """One optimizer step: gradients accumulated over rounds, lr warm-up, NaN guard, Adam, EMA; advances the counters."""
+    # Every row's randomness is keyed by (seed, step, row).
+    t.optimizer.zero_grad(set_to_none=True)
+    step_seed = rng.derive_seed(o['seed'], _KEY_STEP, t.step)
+    batch_gpu_total = t.batch_gpu * t.num_rounds
+    for round_idx in range(t.num_rounds):
+        images, labels = next(data_iter)
+        images = perf.to_channels_last(images.to(t.device, non_blocking=True), o['channels_last'])
+        labels = labels.to(t.device, non_blocking=True)
+        start = distributed.get_rank() * batch_gpu_total + round_idx * t.batch_gpu
+        rnd = rng.BatchRandom(step_seed, o['batch_size'], start, start + t.batch_gpu, t.device)
+        with misc.ddp_sync(t.ddp, round_idx == t.num_rounds - 1):
+            with perf.autocast(t.device, o['precision']):
+                loss = t.loss_fn(net=t.model, images=images, labels=labels, augment_pipe=t.augment_pipe, rnd=rnd)
+            training_stats.report('Loss/loss', loss)
+            loss.sum().mul(o['loss_scaling'] / batch_gpu_total).backward()
+
+    # lr warm-up over lr_rampup_kimg thousand images, counted from the start of this run (a fine-tune restarts it).
+    t.lr = o['optimizer_kwargs']['lr'] * min(t.cur_nimg / max(o['lr_rampup_kimg'] * 1000, 1e-8), 1)
+    for g in t.optimizer.param_groups:
+        g['lr'] = t.lr
+    misc.sanitize_grads(t.net.parameters())
+    t.optimizer.step()
+
+    # EMA with ramp-up: the half-life is at most ema_rampup_ratio times the images seen.
+    ema_halflife_nimg = o['ema_halflife_kimg'] * 1000
+    if o['ema_rampup_ratio'] is not None:
+        ema_halflife_nimg = min(ema_halflife_nimg, t.cur_nimg * o['ema_rampup_ratio'])
+    t.ema_beta = 0.5 ** (o['batch_size'] / max(ema_halflife_nimg, 1e-8))
+    with torch.no_grad():
+        torch._foreach_lerp_(list(t.ema.parameters()), list(t.net.parameters()), 1 - t.ema_beta)  # One kernel per group.
+    t.cur_nimg += o['batch_size']
+    t.step += 1
+
+
+def _report_tick(t: dnnlib.EasyDict, o: dict) -> float:
+    """The progress line and its stats.jsonl record; returns the tick's end time."""
+    tick_end_time = time.time()
+    sec_per_kimg = (tick_end_time - t.tick_start_time) / (t.cur_nimg - t.tick_start_nimg) * 1e3
+    training_stats.report0('Progress/tick', t.cur_tick)
+    training_stats.report0('Progress/kimg', t.cur_nimg / 1e3)
+    training_stats.report0('Progress/lr', t.lr)
+    training_stats.report0('Progress/ema_beta', t.ema_beta)
+    training_stats.report0('Timing/total_sec', tick_end_time - t.start_time)
+    training_stats.report0('Timing/sec_per_tick', tick_end_time - t.tick_start_time)
+    training_stats.report0('Timing/sec_per_kimg', sec_per_kimg)
+    training_stats.report0('Timing/maintenance_sec', t.maintenance_time)
+    training_stats.report0('Resources/cpu_mem_gb', psutil.Process(os.getpid()).memory_info().rss / 2**30)
+    training_stats.report0('Resources/peak_mem_gb', perf.peak_memory(t.device) / 2**30)
+    t.collector.update()
+    perf.reset_peak_memory(t.device)
+    eta = (t.total_nimg - t.cur_nimg) / 1e3 * sec_per_kimg
+    distributed.print0(' '.join([
+        f'tick {t.cur_tick:<5d}',
+        f'kimg {t.cur_nimg / 1e3:<9.3f}',
+        f'time {dnnlib.util.format_time(tick_end_time - t.start_time):<8s}',
+        f'sec/kimg {sec_per_kimg:<7.2f}',
+        f'ETA {dnnlib.util.format_time(eta):<8s}',
+        f'loss {t.collector.mean("Loss/loss"):<8.4f}',
+        f'maintenance {t.maintenance_time:<5.1f}',
+        f'cpumem {t.collector.mean("Resources/cpu_mem_gb"):<5.2f}',
+        f'peakmem {t.collector.mean("Resources/peak_mem_gb"):<5.2f}',
+    ]))
+    training_stats.append_jsonl(os.path.join(t.run_dir, 'stats.jsonl'), dict(t.collector.as_dict(), timestamp=time.time()))
+    return tick_end_time
+
+
+def _save_state(t: dnnlib.EasyDict, o: dict) -> None:
+    """training-state-KIMG.pt: net, EMA, Adam, counters and every rank's RNG state (collective; rank 0 writes)."""
+    rng_state = _rng_state(t.device)
+    if distributed.is_main():
+        checkpoint.save_training_state(os.path.join(t.run_dir, f'training-state-{t.cur_nimg // 1000:06d}.pt'), net=t.net,
+                                       ema=t.ema, optimizer=t.optimizer, cur_nimg=t.cur_nimg, cur_tick=t.cur_tick + 1,
+                                       rng=rng_state, options=o)
+        _prune(t.run_dir, _STATE_RE, o['keep_last'])
