@@ -1,9 +1,17 @@
-"""Tests for training/audit.py: exact neighbours, known-answer audits, mirrored and shifted copies."""
+"""Tests for training/audit.py and audit.py: exact neighbours, known-answer audits, mirrored and shifted copies, the CLI."""
+
+import json
+import os
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
+from click.testing import CliRunner
 
+import audit as audit_cli
+import dataset_tool
+from tests.test_metrics import write_pngs
 from training import audit, metrics
 
 
@@ -176,3 +184,114 @@ def test_feature_space_audit_with_a_stand_in_detector(clustered):
     assert stats['similarity']['min'] == pytest.approx(1, abs=1e-6) and stats['heldout']['similarity']['max'] < 1
     assert result.features.samples.clean.i1.tolist() == list(range(50))
     assert result.report['features'] == 'pixels' and result.report['summary']['share_above_heldout_p95'] == 1
+
+#----------------------------------------------------------------------------
+# The CLI.
+
+def invoke(args):
+    result = CliRunner().invoke(audit_cli.main, args)
+    return result, result.output.strip().splitlines()
+
+
+def assert_one_line_error(result, lines, match):
+    assert result.exit_code == 1, result.output
+    assert lines[-1].startswith('Error:') and match in lines[-1], result.output
+    assert 'Traceback' not in result.output
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    """clean/ (40), rest/ (60, corrupted into noisy/ whose originals path is relative), heldout/ (60), samples/."""
+    root = tmp_path_factory.mktemp('audit-data')
+    prototypes = random_images(60, 30).astype(np.float64)
+    clean, rest, heldout = clustered_images(40, 31, prototypes), clustered_images(60, 32, prototypes), clustered_images(60, 33, prototypes)
+    write_pngs(root / 'clean', clean)
+    write_pngs(root / 'rest', rest)
+    write_pngs(root / 'heldout', heldout)
+    write_pngs(root / 'small', random_images(10, 34, (3, 4, 4)))
+    write_pngs(root / 'single', clean[:1])
+    write_pngs(root / 'samples', np.concatenate([clean[:5], rest[:5], clustered_images(30, 35, prototypes)]))
+    dataset_tool.corrupt_dataset(str(root / 'rest'), str(root / 'noisy'), sigma=0.2, seed=0, verbose=False)
+    meta_path = root / 'noisy' / 'dataset.json'
+    meta = json.loads(meta_path.read_text())
+    meta['originals'] = '../rest'
+    meta_path.write_text(json.dumps(meta))
+    return root
+
+
+def test_cli_bad_input(data, monkeypatch):
+    d = lambda name: str(data / name)
+    base = [f'--outdir={d("out-bad")}']
+    assert_one_line_error(*invoke(base + [f'--clean={d("clean")}']), 'Give either --network')
+    assert_one_line_error(*invoke(base + [f'--clean={d("clean")}', f'--samples={d("samples")}', '--network=x.pt']), 'Give either --network')
+    assert_one_line_error(*invoke(base + [f'--samples={d("samples")}', '--seeds=0-9', f'--clean={d("clean")}']), '--seeds applies to --network')
+    assert_one_line_error(*invoke(base + [f'--samples={d("samples")}']), 'Nothing to audit against')
+    assert_one_line_error(*invoke(base + [f'--samples={d("samples")}', f'--clean={d("missing")}']), 'Dataset not found')
+    assert_one_line_error(*invoke(base + [f'--samples={d("samples")}', f'--clean={d("small")}']), 'audit images of one resolution')
+    assert_one_line_error(*invoke(base + [f'--samples={d("samples")}', f'--clean={d("clean")}', f'--heldout={d("small")}']),
+                          'The heldout set holds 4x4')
+    assert_one_line_error(*invoke(base + [f'--samples={d("samples")}', f'--clean={d("single")}']), 'needs at least 2')
+    assert_one_line_error(*invoke(base + [f'--samples={d("samples")}', f'--noisy={d("clean")}']), 'is not a noisy set')
+    assert_one_line_error(*invoke(base + [f'--samples={d("samples")}', f'--clean={d("noisy")}']), 'is a noisy set')
+    assert_one_line_error(*invoke(base + ['--network=missing.pt', f'--clean={d("clean")}']), 'No such file')
+
+    def offline(*args, **kwargs):
+        raise OSError('<urlopen error [Errno -3] Temporary failure in name resolution>')
+    monkeypatch.setattr(torch.hub, 'load', offline)
+    assert_one_line_error(*invoke(base + [f'--samples={d("samples")}', f'--clean={d("clean")}', '--features=dinov2']),
+                          'Cannot load DINOv2')
+    assert not os.path.exists(d('out-bad'))
+    help_text = ' '.join(invoke(['--help'])[0].output.split())
+    assert '[-1,1] pixel units' in help_text and 'only load files you trust' in help_text
+
+
+def test_cli_end_to_end_on_samples(data):
+    out = data / 'out'
+    result, lines = invoke([f'--samples={data / "samples"}', f'--clean={data / "clean"}', f'--noisy={data / "noisy"}',
+                            f'--heldout={data / "heldout"}', f'--outdir={out}', '--gallery=6', '--workers=0'])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / 'audit.json').read_text())
+    assert {'units', 'num_samples', 'num_heldout', 'mirror', 'features', 'gu_threshold', 'references', 'union',
+            'summary', 'warnings', 'inputs', 'gallery'} <= set(report)
+    assert list(report['references']) == ['clean', 'originals']  # originals found through the relative path
+    assert report['num_samples'] == 40 and report['references']['originals']['num_images'] == 60
+    assert report['references']['clean']['pixel']['exact_copies'] == 5 and report['summary']['exact_copies'] == 10
+    assert {'gu_rate', 'heldout_gu_rate', 'share_below_heldout_p05', 'heldout_p05', 'exact_copies'} == set(report['summary'])
+    # The ten copies are the closest samples: first in the gallery, at distance 0, from the right set.
+    rows = report['gallery']
+    assert len(rows) == 6 and all(min(r['nearest'][n]['distance'] for n in r['nearest']) == 0 for r in rows)
+    assert rows[0]['sample'] == '000000.png' and rows[0]['nearest']['clean'] == {'index': 0, 'distance': 0.0, 'mirrored': False}
+    gallery = np.asarray(PIL.Image.open(out / 'gallery.png'))
+    assert gallery.shape == (6 * 34 - 2, 3 * 34 - 2, 3)  # 8x8 images shown at 32x32, 2-pixel gaps
+    np.testing.assert_array_equal(gallery[:32:4, :32:4], gallery[:32:4, 34:66:4])  # sample 0 beside its clean copy
+    assert PIL.Image.open(out / 'histogram.png').size[0] > 400
+    assert 'of samples are nearer to a reference image' in lines[-2]
+
+
+def test_cli_notes_missing_originals(data, tmp_path):
+    noisy = tmp_path / 'noisy'
+    dataset_tool.corrupt_dataset(str(data / 'heldout'), str(noisy), sigma=0.2, seed=0, verbose=False)
+    meta = json.loads((noisy / 'dataset.json').read_text())
+    meta['originals'] = 'gone'
+    (noisy / 'dataset.json').write_text(json.dumps(meta))
+    result, lines = invoke([f'--samples={data / "samples"}', f'--noisy={noisy}', f'--clean={data / "clean"}',
+                            f'--outdir={tmp_path / "out"}', '--workers=0'])
+    assert result.exit_code == 0, result.output
+    assert 'do not exist: not audited against them' in lines[0]
+    report = json.loads((tmp_path / 'out' / 'audit.json').read_text())
+    assert list(report['references']) == ['clean'] and report['summary']['share_below_heldout_p05'] is None
+    assert_one_line_error(*invoke([f'--samples={data / "samples"}', f'--noisy={noisy}', f'--outdir={tmp_path / "o2"}']),
+                          'Nothing to audit against')
+
+
+def test_cli_on_a_network_does_not_depend_on_world_size(data, tmp_path, torchrun):
+    from tests.test_generation import tiny_snapshot
+    net = tiny_snapshot(str(tmp_path / 'net.pt'))
+    args = [f'--network={net}', '--seeds=0-22', '--steps=3', f'--clean={data / "clean"}', f'--heldout={data / "heldout"}',
+            '--batch=5', '--workers=0', '--mirror']
+    result, _ = invoke(args + [f'--outdir={tmp_path / "one"}'])
+    assert result.exit_code == 0, result.output
+    torchrun(['audit.py', *args, f'--outdir={tmp_path / "two"}'])
+    one, two = (json.loads((tmp_path / name / 'audit.json').read_text()) for name in ('one', 'two'))
+    assert one['num_samples'] == 23 and one['mirror'] and one['gallery'][0]['sample'] in range(23)
+    assert one == two
