@@ -253,3 +253,32 @@ def test_network_fids_sample_with_the_fast_path_and_fp32_features(tmp_path, monk
                                                     sampler_kwargs=dict(num_steps=3), precision=precision, channels_last=True)
     assert autocast_in == {'net': {False, True}, 'detector': {False}}
     assert fids['bf16'][0] == pytest.approx(fids['fp32'][0], rel=0.05)
+
+
+class WritesMarker:
+    """Unpickling it creates a file: stands for a pickle that runs code."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (self.path, 'w')
+
+
+def test_a_reference_never_selects_a_detector_file(tmp_path):
+    """A reference's detector field names only built-in detectors; a path or URL there is refused, never loaded."""
+    from tests.test_generation import tiny_snapshot
+    marker = tmp_path / 'marker'
+    evil = tmp_path / 'evil.pkl'
+    evil.write_bytes(pickle.dumps(WritesMarker(str(marker))))
+    write_pngs(tmp_path / 'a', random_images(10, 11))
+    net = tiny_snapshot(str(tmp_path / 'net.pt'), img_channels=3)
+    for named in [str(evil), 'evil.pkl', 'https://example.com/evil.pkl']:
+        ref = str(tmp_path / 'ref.npz')
+        np.savez(ref, mu=np.zeros(48), sigma=np.eye(48), detector=np.array(named))
+        for args in [['calc', f'--images={tmp_path / "a"}', f'--ref={ref}', '--num=10', '--workers=0'],
+                     ['gen', f'--network={net}', f'--ref={ref}', '--num=4', '--repeats=1', '--steps=2']]:
+            result, lines = invoke(args)
+            assert_one_line_error(result, lines, f'names detector {named!r}')
+            assert f'pass --detector={named} explicitly' in lines[-1]
+            assert not marker.exists()

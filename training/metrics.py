@@ -348,6 +348,20 @@ def check_ref(ref: dict[str, Any], expected_dim: int | None = None, detector: st
         raise UserError(f'{ref["path"]} was computed with detector {ref["detector"]!r}, not {detector!r}')
 
 
+def detector_for_ref(detector: str | None, ref: dict[str, Any]) -> str:
+    """The detector asked for, else the reference's built-in one, else 'inception'.
+
+    A reference is data: its detector field never selects a file or URL, whose loading could run code.
+    """
+    if detector is not None:
+        return detector
+    named = ref['detector']
+    if named is not None and named not in DETECTORS:
+        raise UserError(f'{ref["path"]} names detector {named!r}, which is not built in ({", ".join(DETECTORS)}); '
+                        f'a reference never loads one: pass --detector={named} explicitly if you trust that file')
+    return named or 'inception'
+
+
 def fid_from_stats(stats: FeatureStats, ref: dict[str, Any]) -> float:
     """FID of reduced statistics against a reference; computed on rank 0, returned on every rank (collective)."""
     fid = None
@@ -374,12 +388,12 @@ def calc_fid(image_path: str, ref_path: str, detector: str | None = None, num: i
              batch_size: int = 64, device: torch.device | str = 'cpu', num_workers: int = 0) -> float:
     """FID of `num` images of a folder/zip/array dataset (all if None) against a reference (collective).
 
-    detector=None uses the one the reference names, else Inception. Everything is checked before
-    any features are computed.
+    detector=None uses the built-in one the reference names, else Inception (detector_for_ref). Everything
+    is checked before any features are computed.
     """
     ref = load_ref(ref_path, detector=detector if detector in DETECTORS else None)
     dataset = open_images(image_path, num=num, seed=seed)
-    det = load_detector(detector or ref['detector'] or 'inception', device, image_shape=dataset.image_shape)
+    det = load_detector(detector_for_ref(detector, ref), device, image_shape=dataset.image_shape)
     check_ref(ref, det.feature_dim, det.name)
     stats = compute_feature_stats(dataset_batches(dataset, batch_size, num_workers), det)
     return fid_from_stats(stats, ref)
@@ -395,7 +409,7 @@ def calc_network_fids(net: torch.nn.Module, ref_path: str, num: int = 50000, rep
     """
     net = perf.prepare_for_inference(net, precision=precision, channels_last=channels_last, compile=compile)
     ref = load_ref(ref_path, detector=detector if detector in DETECTORS else None)
-    det = load_detector(detector or ref['detector'] or 'inception', device,
+    det = load_detector(detector_for_ref(detector, ref), device,
                         image_shape=[net.img_channels, net.img_resolution, net.img_resolution])
     check_ref(ref, det.feature_dim, det.name)
     fids = []
