@@ -282,3 +282,49 @@ def test_a_reference_never_selects_a_detector_file(tmp_path):
             assert_one_line_error(result, lines, f'names detector {named!r}')
             assert f'pass --detector={named} explicitly' in lines[-1]
             assert not marker.exists()
+
+#----------------------------------------------------------------------------
+# EDM's torch_utils for code embedded in pickles.
+
+EDM_IMPORTS_SRC = '''
+import torch
+import torch_utils.ops.bias_act
+from torch_utils import misc, persistence
+from torch_utils.ops import conv2d_gradfix
+
+@misc.profiled_function
+def features(x, weight, bias):
+    with misc.suppress_tracer_warnings(), conv2d_gradfix.no_weight_gradients():
+        x = conv2d_gradfix.conv2d(x, weight)
+    return torch_utils.ops.bias_act.bias_act(x, bias, act='lrelu', clamp=0.5)
+
+@persistence.persistent_class
+class ConvFeatures(torch.nn.Module):
+    def forward(self, images, return_features=False):
+        return features(images.to(torch.float32) / 255, self.weight, self.bias).mean([2, 3])
+'''
+
+
+EDM_IMPORTS_WEIGHT = torch.tensor([[1.0, -2.0, 0.5], [0.25, 0.5, 1.0]]).reshape(2, 3, 1, 1)
+EDM_IMPORTS_BIAS = torch.tensor([-0.1, 0.2])
+
+
+class EDMImportsPickle:
+    """A persistent-class pickle whose code imports what StyleGAN-era torch_utils offers (misc extras, ops)."""
+
+    def __reduce__(self):
+        module = torch.nn.Module()
+        module.weight = torch.nn.Parameter(EDM_IMPORTS_WEIGHT.clone())
+        module.bias = torch.nn.Parameter(EDM_IMPORTS_BIAS.clone())
+        meta = dict(type='class', version=6, module_src=EDM_IMPORTS_SRC, class_name='ConvFeatures', state=dict(module.__dict__))
+        return persistence._reconstruct_persistent_obj, (meta,)
+
+
+def test_embedded_code_finds_edm_torch_utils(tmp_path):
+    path = tmp_path / 'edm_imports.pkl'
+    path.write_bytes(pickle.dumps(EDMImportsPickle()))
+    det = metrics.load_detector(str(path), 'cpu', image_shape=[3, 4, 4])
+    images = torch.from_numpy(random_images(3, 12))
+    x = torch.nn.functional.conv2d(images.to(torch.float32) / 255, EDM_IMPORTS_WEIGHT) + EDM_IMPORTS_BIAS.reshape(1, 2, 1, 1)
+    x = torch.nn.functional.leaky_relu(x, 0.2) * np.sqrt(2)  # StyleGAN's lrelu: slope 0.2, gain sqrt(2)
+    torch.testing.assert_close(det(images), x.clamp(-0.5, 0.5).mean([2, 3]))

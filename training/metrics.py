@@ -16,7 +16,7 @@ import torch
 
 import dnnlib
 from dnnlib.util import UserError
-from torch_utils import distributed, perf
+from torch_utils import distributed, perf, pickle_compat
 
 INCEPTION_URL = 'https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/inception-2015-12-05.pkl'
 DETECTORS = ('inception', 'dinov2', 'pixels')
@@ -102,24 +102,11 @@ class DINOv2Detector(Detector):
 # unpickled with code execution, as in EDM: it is only ever a file or URL the user named.
 
 def _persistent_module_shim(name: str, globals=None, locals=None, fromlist=(), level=0):
-    """__import__ for code embedded in EDM pickles: torch_utils.persistence gains an identity persistent_class."""
-    module = builtins.__import__(name, globals, locals, fromlist, level)
+    """__import__ for code embedded in EDM pickles: torch_utils is torch_utils.pickle_compat's stand-in package
+    (an identity persistence.persistent_class, EDM's misc extras, ops.conv2d_gradfix and ops.bias_act)."""
     if level != 0 or name.split('.')[0] != 'torch_utils':
-        return module
-    import torch_utils
-    import torch_utils.persistence
-    persistence = types.ModuleType('torch_utils.persistence')
-    persistence.__dict__.update(torch_utils.persistence.__dict__)
-    persistence.persistent_class = lambda cls: cls  # the original class is all an unpickled object needs
-    if name == 'torch_utils.persistence' and fromlist:
-        return persistence
-    package = types.ModuleType('torch_utils')
-    package.__dict__.update(torch_utils.__dict__)
-    for sub in fromlist or ():
-        if sub != 'persistence' and not hasattr(package, sub):
-            setattr(package, sub, builtins.__import__(f'torch_utils.{sub}', fromlist=['_']))
-    package.persistence = persistence
-    return package
+        return builtins.__import__(name, globals, locals, fromlist, level)
+    return pickle_compat.import_torch_utils(name, fromlist)
 
 
 def _run_persistent_obj(meta: dict) -> Any:
