@@ -284,7 +284,7 @@ def test_a_reference_never_selects_a_detector_file(tmp_path):
             assert not marker.exists()
 
 #----------------------------------------------------------------------------
-# EDM's torch_utils for code embedded in pickles.
+# EDM's torch_utils for code embedded in pickles; our Inception against EDM's pickle.
 
 EDM_IMPORTS_SRC = '''
 import torch
@@ -328,3 +328,83 @@ def test_embedded_code_finds_edm_torch_utils(tmp_path):
     x = torch.nn.functional.conv2d(images.to(torch.float32) / 255, EDM_IMPORTS_WEIGHT) + EDM_IMPORTS_BIAS.reshape(1, 2, 1, 1)
     x = torch.nn.functional.leaky_relu(x, 0.2) * np.sqrt(2)  # StyleGAN's lrelu: slope 0.2, gain sqrt(2)
     torch.testing.assert_close(det(images), x.clamp(-0.5, 0.5).mean([2, 3]))
+
+
+def inception_stand_in():
+    """Random Inception weights (batch-norm scale 1, as in TF's graph) and a stand-in for EDM's pickle holding them."""
+    from tests.test_inception import edm_tensors, randomize
+    from training import inception
+    net = randomize(inception.InceptionV3(), seed=7)
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.weight.fill_(1)
+
+    class EDMPickleStandIn:
+        scale = 1.0
+
+        def state_dict(self):
+            return edm_tensors(net)
+
+        def __call__(self, images, return_features=False):
+            assert return_features
+            return net(images) * self.scale
+    return net, EDMPickleStandIn()
+
+
+def test_inception_detectors_load_state_dicts_without_downloads(tmp_path, monkeypatch, one_thread):
+    from training import inception
+    net, _ = inception_stand_in()
+    torch.save(net.state_dict(), tmp_path / 'weights.pth')
+    monkeypatch.setattr(inception, 'FID_WEIGHTS_URL', str(tmp_path / 'weights.pth'))
+    images = torch.from_numpy(random_images(1, 13, shape=(1, 8, 8)))
+    with torch.no_grad():
+        expected = net(images)
+        for name in ['inception', str(tmp_path / 'weights.pth')]:
+            det = metrics.load_detector(name, 'cpu')
+            assert isinstance(det, metrics.InceptionDetector) and (det.name, det.feature_dim) == ('inception', 2048)
+            torch.testing.assert_close(det(images), expected, rtol=0, atol=0)
+    # 'inception-pkl' is EDM's pickle, run as a detector pickle; its features are Inception's, so is its name.
+    path = tmp_path / 'persistent.pkl'
+    path.write_bytes(pickle.dumps(PersistentPickle()))
+    monkeypatch.setattr(metrics, 'INCEPTION_URL', str(path))
+    det = metrics.load_detector('inception-pkl', 'cpu')
+    assert isinstance(det, metrics.PickleDetector) and (det.name, det.feature_dim) == ('inception', 2048)
+
+
+def test_convert_inception_cli(tmp_path, monkeypatch, one_thread):
+    net, stand_in = inception_stand_in()
+    sources = []
+    monkeypatch.setattr(metrics, '_load_detector_file', lambda src, device: sources.append(src) or stand_in)
+    dest = tmp_path / 'converted.pth'
+    result, lines = invoke(['convert-inception', f'--dest={dest}'])
+    assert result.exit_code == 0, result.output
+    assert sources == [metrics.INCEPTION_URL] and lines[-1].startswith(f'Saved {dest}: features within 0 ')
+    det = metrics.load_detector(str(dest), 'cpu')
+    assert all(torch.equal(det.net.state_dict()[k], v) for k, v in net.state_dict().items())
+    stand_in.scale = 1.01  # a conversion that would change the features is refused
+    result, lines = invoke(['convert-inception', '--src=edm.pkl', f'--dest={tmp_path / "bad.pth"}'])
+    assert_one_line_error(result, lines, 'differs from edm.pkl by up to 0.0099')
+    assert not (tmp_path / 'bad.pth').exists()
+
+
+def test_check_inception_cli(tmp_path, monkeypatch):
+    write_pngs(tmp_path / 'a', random_images(40, 14))
+
+    class Scaled(metrics.PixelsDetector):
+        def __call__(self, images):
+            return super().__call__(images) * 1.01
+    loaded = []
+
+    def stand_ins(name, device, image_shape):
+        loaded.append(name)
+        return (metrics.PixelsDetector if name == 'inception' else Scaled)(image_shape, device)
+    monkeypatch.setattr(metrics, 'load_detector', stand_ins)
+    res = metrics.compare_detectors(str(tmp_path / 'a'), num=40)
+    assert loaded == ['inception', 'inception-pkl'] and res['num'] == 40
+    assert res['max_feature'] == pytest.approx(1.01) and res['max_diff'] == pytest.approx(0.01)
+    assert res['fids'][1] == pytest.approx(res['fids'][0] * 1.01 ** 2, rel=1e-4) and res['fids'][0] > 1
+    result, lines = invoke(['check-inception', f'--data={tmp_path / "a"}', '--num=40'])
+    assert result.exit_code == 0, result.output
+    assert lines[0] == '40 images: largest feature difference 0.01 (largest feature 1.01)'
+    assert lines[1].startswith(f'FID first vs second half: inception {res["fids"][0]:.6g}, inception-pkl {res["fids"][1]:.6g}')
