@@ -23,6 +23,9 @@ def main() -> None:
     # EDM's protocol: generate 3 x 50,000 images in memory, report each FID, the minimum and the mean
     torchrun --standalone --nproc_per_node=8 fid.py gen --network=run/network-snapshot-200000.pt \\
         --ref=https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz --repeats=3 --steps=18
+    \b
+    # Once, with internet: our code-free Inception against EDM's pickle (runs its code) on 1,000 images
+    python fid.py check-inception --data=datasets/cifar10-32x32.zip
     """
 
 #----------------------------------------------------------------------------
@@ -84,6 +87,29 @@ def gen(network_path: str, ref_path: str, num: int, repeats: int, seed: int, cla
     precision = perf.resolve_precision(precision, device)
     distributed.print0(f'FID min {min(fids):g} mean {np.mean(fids):g} over {repeats} seed set(s) of {num} images ({precision} sampling)')
     distributed.cleanup()
+
+
+@main.command('convert-inception')
+@click.option('--src',  help="EDM's Inception-v3 pickle (its code runs: only a file you trust)", metavar='PKL|URL', type=str, default=metrics.INCEPTION_URL, show_default=True)
+@click.option('--dest', help='Output state dict, for --detector=PTH', metavar='PTH', type=str, required=True)
+def convert_inception(src: str, dest: str) -> None:
+    """Convert EDM's Inception pickle once into a plain state dict, after checking both give the same features."""
+    difference = metrics.convert_inception_pickle(src, dest, device=distributed.device())
+    click.echo(f'Saved {dest}: features within {difference:.3g} of the largest feature of {src} on random images')
+
+
+@main.command('check-inception')
+@click.option('--data', 'data_path',   help='Images: folder or zip of PNGs, or an array dataset', metavar='PATH', type=str, required=True)
+@click.option('--num',                 help='Images to compare on (drawn with --seed)', metavar='INT', type=click.IntRange(min=4), default=1000, show_default=True)
+@click.option('--seed',                help='Random seed for choosing --num of the images', metavar='INT', type=int, default=0, show_default=True)
+@click.option('--batch', 'batch_size', help='Images per batch', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
+def check_inception(data_path: str, num: int, seed: int, batch_size: int) -> None:
+    """Our Inception against EDM's pickle (downloads both; runs the pickle's code) on the same images, one process."""
+    res = metrics.compare_detectors(data_path, ('inception', 'inception-pkl'), num=num, seed=seed, batch_size=batch_size,
+                                    device=distributed.device())
+    ours, pkl = res['fids']
+    click.echo(f'{res["num"]} images: largest feature difference {res["max_diff"]:.3g} (largest feature {res["max_feature"]:.3g})')
+    click.echo(f'FID first vs second half: inception {ours:.6g}, inception-pkl {pkl:.6g}, difference {ours - pkl:.3g}')
 
 
 if __name__ == '__main__':

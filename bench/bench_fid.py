@@ -38,7 +38,7 @@ def bench_fid(detector_name: str, device: torch.device, batch: int, resolution: 
 #----------------------------------------------------------------------------
 
 @click.command(context_settings=dict(help_option_names=['-h', '--help']))
-@click.option('--detector', type=str, default='inception', show_default=True, help="'inception' (EDM's pickle; downloaded once into the cache), 'dinov2', 'pixels', or a detector pickle path. Pickles run code: trusted files only.")
+@click.option('--detector', type=str, default='inception', show_default=True, help="'inception' (weights downloaded once into the cache; no code runs), 'inception-pkl' (EDM's pickle), 'dinov2', 'pixels', or a detector pickle path. Pickles run code: trusted files only.")
 @click.option('--resolution', type=click.IntRange(min=8), default=32, show_default=True, help='Image resolution fed to the detector (it resizes internally).')
 @click.option('--num-images', type=click.IntRange(min=1), default=50000, show_default=True, help='Images for the projected time (50,000 = one FID).')
 @common.bench_options(batch=64, iters=5, warmup=1, variants='fp32,x4,pin+x4', allowed='bf16,cl,xN,pin')

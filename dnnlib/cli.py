@@ -76,9 +76,12 @@ def config_option(section: str | None = None, inherit: str | None = None) -> Cal
 
 NETWORK_HELP = ('Network: our .pt snapshot/training state, or an official EDM .pkl (a .pkl runs code from the file: '
                 'only load files you trust)')
-DETECTOR_HELP = ("Feature detector: inception (EDM's Inception-v3 pickle, downloaded once; the default for published FIDs), "
+DETECTOR_HELP = ("Feature detector: inception (Inception-v3 as EDM computes it, with pytorch-fid's weights, downloaded once; "
+                 "no code runs; the default for published FIDs), inception-pkl (EDM's own Inception pickle: runs its code), "
                  "dinov2 (FD_DINOv2, torch.hub), pixels (raw [-1,1] pixels: small-scale checks only, not an FID), "
+                 "an Inception state dict .pth (fid.py convert-inception), "
                  "or a detector .pkl/TorchScript PATH|URL (a .pkl runs code from the file: only load files you trust)")
+
 AUTO_HELP = 'auto = bf16 where it is native (CUDA Ampere or newer; CPUs with AMX or avx512_bf16), else fp32'
 PRECISION_HELP = (f'{AUTO_HELP}; fp32 = the exact reference mode (EDM\'s arithmetic, TF32 off); bf16 = bf16 autocast '
                   '(fp32 with a warning where not native); fp16 = EDM\'s fp16 network')

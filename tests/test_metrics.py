@@ -253,3 +253,158 @@ def test_network_fids_sample_with_the_fast_path_and_fp32_features(tmp_path, monk
                                                     sampler_kwargs=dict(num_steps=3), precision=precision, channels_last=True)
     assert autocast_in == {'net': {False, True}, 'detector': {False}}
     assert fids['bf16'][0] == pytest.approx(fids['fp32'][0], rel=0.05)
+
+
+class WritesMarker:
+    """Unpickling it creates a file: stands for a pickle that runs code."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (self.path, 'w')
+
+
+def test_a_reference_never_selects_a_detector_file(tmp_path):
+    """A reference's detector field names only built-in detectors; a path or URL there is refused, never loaded."""
+    from tests.test_generation import tiny_snapshot
+    marker = tmp_path / 'marker'
+    evil = tmp_path / 'evil.pkl'
+    evil.write_bytes(pickle.dumps(WritesMarker(str(marker))))
+    write_pngs(tmp_path / 'a', random_images(10, 11))
+    net = tiny_snapshot(str(tmp_path / 'net.pt'), img_channels=3)
+    for named in [str(evil), 'evil.pkl', 'https://example.com/evil.pkl']:
+        ref = str(tmp_path / 'ref.npz')
+        np.savez(ref, mu=np.zeros(48), sigma=np.eye(48), detector=np.array(named))
+        for args in [['calc', f'--images={tmp_path / "a"}', f'--ref={ref}', '--num=10', '--workers=0'],
+                     ['gen', f'--network={net}', f'--ref={ref}', '--num=4', '--repeats=1', '--steps=2']]:
+            result, lines = invoke(args)
+            assert_one_line_error(result, lines, f'names detector {named!r}')
+            assert f'pass --detector={named} explicitly' in lines[-1]
+            assert not marker.exists()
+
+#----------------------------------------------------------------------------
+# EDM's torch_utils for code embedded in pickles; our Inception against EDM's pickle.
+
+EDM_IMPORTS_SRC = '''
+import torch
+import torch_utils.ops.bias_act
+from torch_utils import misc, persistence
+from torch_utils.ops import conv2d_gradfix
+
+@misc.profiled_function
+def features(x, weight, bias):
+    with misc.suppress_tracer_warnings(), conv2d_gradfix.no_weight_gradients():
+        x = conv2d_gradfix.conv2d(x, weight)
+    return torch_utils.ops.bias_act.bias_act(x, bias, act='lrelu', clamp=0.5)
+
+@persistence.persistent_class
+class ConvFeatures(torch.nn.Module):
+    def forward(self, images, return_features=False):
+        return features(images.to(torch.float32) / 255, self.weight, self.bias).mean([2, 3])
+'''
+
+
+EDM_IMPORTS_WEIGHT = torch.tensor([[1.0, -2.0, 0.5], [0.25, 0.5, 1.0]]).reshape(2, 3, 1, 1)
+EDM_IMPORTS_BIAS = torch.tensor([-0.1, 0.2])
+
+
+class EDMImportsPickle:
+    """A persistent-class pickle whose code imports what StyleGAN-era torch_utils offers (misc extras, ops)."""
+
+    def __reduce__(self):
+        module = torch.nn.Module()
+        module.weight = torch.nn.Parameter(EDM_IMPORTS_WEIGHT.clone())
+        module.bias = torch.nn.Parameter(EDM_IMPORTS_BIAS.clone())
+        meta = dict(type='class', version=6, module_src=EDM_IMPORTS_SRC, class_name='ConvFeatures', state=dict(module.__dict__))
+        return persistence._reconstruct_persistent_obj, (meta,)
+
+
+def test_embedded_code_finds_edm_torch_utils(tmp_path):
+    path = tmp_path / 'edm_imports.pkl'
+    path.write_bytes(pickle.dumps(EDMImportsPickle()))
+    det = metrics.load_detector(str(path), 'cpu', image_shape=[3, 4, 4])
+    images = torch.from_numpy(random_images(3, 12))
+    x = torch.nn.functional.conv2d(images.to(torch.float32) / 255, EDM_IMPORTS_WEIGHT) + EDM_IMPORTS_BIAS.reshape(1, 2, 1, 1)
+    x = torch.nn.functional.leaky_relu(x, 0.2) * np.sqrt(2)  # StyleGAN's lrelu: slope 0.2, gain sqrt(2)
+    torch.testing.assert_close(det(images), x.clamp(-0.5, 0.5).mean([2, 3]))
+
+
+def inception_stand_in():
+    """Random Inception weights (batch-norm scale 1, as in TF's graph) and a stand-in for EDM's pickle holding them."""
+    from tests.test_inception import edm_tensors, randomize
+    from training import inception
+    net = randomize(inception.InceptionV3(), seed=7)
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.weight.fill_(1)
+
+    class EDMPickleStandIn:
+        scale = 1.0
+
+        def state_dict(self):
+            return edm_tensors(net)
+
+        def __call__(self, images, return_features=False):
+            assert return_features
+            return net(images) * self.scale
+    return net, EDMPickleStandIn()
+
+
+def test_inception_detectors_load_state_dicts_without_downloads(tmp_path, monkeypatch, one_thread):
+    from training import inception
+    net, _ = inception_stand_in()
+    torch.save(net.state_dict(), tmp_path / 'weights.pth')
+    monkeypatch.setattr(inception, 'FID_WEIGHTS_URL', str(tmp_path / 'weights.pth'))
+    images = torch.from_numpy(random_images(1, 13, shape=(1, 8, 8)))
+    with torch.no_grad():
+        expected = net(images)
+        for name in ['inception', str(tmp_path / 'weights.pth')]:
+            det = metrics.load_detector(name, 'cpu')
+            assert isinstance(det, metrics.InceptionDetector) and (det.name, det.feature_dim) == ('inception', 2048)
+            torch.testing.assert_close(det(images), expected, rtol=0, atol=0)
+    # 'inception-pkl' is EDM's pickle, run as a detector pickle; its features are Inception's, so is its name.
+    path = tmp_path / 'persistent.pkl'
+    path.write_bytes(pickle.dumps(PersistentPickle()))
+    monkeypatch.setattr(metrics, 'INCEPTION_URL', str(path))
+    det = metrics.load_detector('inception-pkl', 'cpu')
+    assert isinstance(det, metrics.PickleDetector) and (det.name, det.feature_dim) == ('inception', 2048)
+
+
+def test_convert_inception_cli(tmp_path, monkeypatch, one_thread):
+    net, stand_in = inception_stand_in()
+    sources = []
+    monkeypatch.setattr(metrics, '_load_detector_file', lambda src, device: sources.append(src) or stand_in)
+    dest = tmp_path / 'converted.pth'
+    result, lines = invoke(['convert-inception', f'--dest={dest}'])
+    assert result.exit_code == 0, result.output
+    assert sources == [metrics.INCEPTION_URL] and lines[-1].startswith(f'Saved {dest}: features within 0 ')
+    det = metrics.load_detector(str(dest), 'cpu')
+    assert all(torch.equal(det.net.state_dict()[k], v) for k, v in net.state_dict().items())
+    stand_in.scale = 1.01  # a conversion that would change the features is refused
+    result, lines = invoke(['convert-inception', '--src=edm.pkl', f'--dest={tmp_path / "bad.pth"}'])
+    assert_one_line_error(result, lines, 'differs from edm.pkl by up to 0.0099')
+    assert not (tmp_path / 'bad.pth').exists()
+
+
+def test_check_inception_cli(tmp_path, monkeypatch):
+    write_pngs(tmp_path / 'a', random_images(40, 14))
+
+    class Scaled(metrics.PixelsDetector):
+        def __call__(self, images):
+            return super().__call__(images) * 1.01
+    loaded = []
+
+    def stand_ins(name, device, image_shape):
+        loaded.append(name)
+        return (metrics.PixelsDetector if name == 'inception' else Scaled)(image_shape, device)
+    monkeypatch.setattr(metrics, 'load_detector', stand_ins)
+    res = metrics.compare_detectors(str(tmp_path / 'a'), num=40)
+    assert loaded == ['inception', 'inception-pkl'] and res['num'] == 40
+    assert res['max_feature'] == pytest.approx(1.01) and res['max_diff'] == pytest.approx(0.01)
+    assert res['fids'][1] == pytest.approx(res['fids'][0] * 1.01 ** 2, rel=1e-4) and res['fids'][0] > 1
+    result, lines = invoke(['check-inception', f'--data={tmp_path / "a"}', '--num=40'])
+    assert result.exit_code == 0, result.output
+    assert lines[0] == '40 images: largest feature difference 0.01 (largest feature 1.01)'
+    assert lines[1].startswith(f'FID first vs second half: inception {res["fids"][0]:.6g}, inception-pkl {res["fids"][1]:.6g}')

@@ -16,10 +16,11 @@ import torch
 
 import dnnlib
 from dnnlib.util import UserError
-from torch_utils import distributed, perf
+from torch_utils import distributed, perf, pickle_compat
+from training import inception
 
 INCEPTION_URL = 'https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/inception-2015-12-05.pkl'
-DETECTORS = ('inception', 'dinov2', 'pixels')
+DETECTORS = ('inception', 'dinov2', 'pixels')  # built in and code-free; 'inception-pkl' (EDM's pickle) runs code
 
 #----------------------------------------------------------------------------
 # Detectors: __call__(uint8 NCHW images on the detector's device) -> features [N, feature_dim].
@@ -59,6 +60,17 @@ class PickleDetector(Detector):
         if images.shape[1] == 1:
             images = images.repeat([1, 3, 1, 1])  # grey images as RGB, as EDM does
         return self.net(images, return_features=True).reshape(images.shape[0], -1)
+
+
+class InceptionDetector(Detector):
+    """training.inception's code-free Inception-v3 (2048-d pool features; grey images repeated to RGB)."""
+
+    def __init__(self, net: inception.InceptionV3, device: torch.device):
+        self.net = net.to(device).eval()
+        super().__init__('inception', inception.FEATURE_DIM, device)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images)
 
 
 class PixelsDetector(Detector):
@@ -102,24 +114,11 @@ class DINOv2Detector(Detector):
 # unpickled with code execution, as in EDM: it is only ever a file or URL the user named.
 
 def _persistent_module_shim(name: str, globals=None, locals=None, fromlist=(), level=0):
-    """__import__ for code embedded in EDM pickles: torch_utils.persistence gains an identity persistent_class."""
-    module = builtins.__import__(name, globals, locals, fromlist, level)
+    """__import__ for code embedded in EDM pickles: torch_utils is torch_utils.pickle_compat's stand-in package
+    (an identity persistence.persistent_class, EDM's misc extras, ops.conv2d_gradfix and ops.bias_act)."""
     if level != 0 or name.split('.')[0] != 'torch_utils':
-        return module
-    import torch_utils
-    import torch_utils.persistence
-    persistence = types.ModuleType('torch_utils.persistence')
-    persistence.__dict__.update(torch_utils.persistence.__dict__)
-    persistence.persistent_class = lambda cls: cls  # the original class is all an unpickled object needs
-    if name == 'torch_utils.persistence' and fromlist:
-        return persistence
-    package = types.ModuleType('torch_utils')
-    package.__dict__.update(torch_utils.__dict__)
-    for sub in fromlist or ():
-        if sub != 'persistence' and not hasattr(package, sub):
-            setattr(package, sub, builtins.__import__(f'torch_utils.{sub}', fromlist=['_']))
-    package.persistence = persistence
-    return package
+        return builtins.__import__(name, globals, locals, fromlist, level)
+    return pickle_compat.import_torch_utils(name, fromlist)
 
 
 def _run_persistent_obj(meta: dict) -> Any:
@@ -163,8 +162,9 @@ def _load_detector_file(path_or_url: str, device: torch.device) -> Any:
 
 def load_detector(name_or_path: str, device: torch.device | str = 'cpu',
                   image_shape: Sequence[int] | None = None) -> Detector:
-    """'inception' (EDM's Inception-v3 pickle, downloaded once into the dnnlib cache), 'dinov2',
-    'pixels' (needs image_shape [C, H, W]), or a detector pickle / TorchScript file or URL.
+    """'inception' (training.inception with pytorch-fid's weights, downloaded once into the dnnlib cache; no code
+    runs), 'inception-pkl' (EDM's Inception-v3 pickle), 'dinov2', 'pixels' (needs image_shape [C, H, W]), an
+    Inception state dict (.pth, e.g. from fid.py convert-inception), or a detector pickle / TorchScript file or URL.
 
     Pickles run code from the file: load only files you trust.
     """
@@ -176,10 +176,15 @@ def load_detector(name_or_path: str, device: torch.device | str = 'cpu',
     if name_or_path == 'dinov2':
         return DINOv2Detector(device)
     if name_or_path == 'inception':
+        return InceptionDetector(inception.load_inception(inception.FID_WEIGHTS_URL, device), device)
+    if name_or_path == 'inception-pkl':  # the same features as 'inception', computed by the pickle's own code
         return PickleDetector('inception', _load_detector_file(INCEPTION_URL, device), device)
     if not dnnlib.util.is_url(name_or_path, allow_file_urls=True) and not os.path.isfile(name_or_path):
-        raise UserError(f'No detector {name_or_path!r}: use {", ".join(DETECTORS)} or a detector pickle path/URL')
+        raise UserError(f'No detector {name_or_path!r}: use {", ".join(DETECTORS)}, inception-pkl, an Inception .pth '
+                        f'or a detector pickle path/URL')
     name = os.path.basename(name_or_path.rstrip('/'))
+    if name.endswith('.pth'):
+        return InceptionDetector(inception.load_inception(name_or_path, device), device)
     return PickleDetector(name, _load_detector_file(name_or_path, device), device, image_shape)
 
 #----------------------------------------------------------------------------
@@ -348,6 +353,20 @@ def check_ref(ref: dict[str, Any], expected_dim: int | None = None, detector: st
         raise UserError(f'{ref["path"]} was computed with detector {ref["detector"]!r}, not {detector!r}')
 
 
+def detector_for_ref(detector: str | None, ref: dict[str, Any]) -> str:
+    """The detector asked for, else the reference's built-in one, else 'inception'.
+
+    A reference is data: its detector field never selects a file or URL, whose loading could run code.
+    """
+    if detector is not None:
+        return detector
+    named = ref['detector']
+    if named is not None and named not in DETECTORS:
+        raise UserError(f'{ref["path"]} names detector {named!r}, which is not built in ({", ".join(DETECTORS)}); '
+                        f'a reference never loads one: pass --detector={named} explicitly if you trust that file')
+    return named or 'inception'
+
+
 def fid_from_stats(stats: FeatureStats, ref: dict[str, Any]) -> float:
     """FID of reduced statistics against a reference; computed on rank 0, returned on every rank (collective)."""
     fid = None
@@ -374,12 +393,12 @@ def calc_fid(image_path: str, ref_path: str, detector: str | None = None, num: i
              batch_size: int = 64, device: torch.device | str = 'cpu', num_workers: int = 0) -> float:
     """FID of `num` images of a folder/zip/array dataset (all if None) against a reference (collective).
 
-    detector=None uses the one the reference names, else Inception. Everything is checked before
-    any features are computed.
+    detector=None uses the built-in one the reference names, else Inception (detector_for_ref). Everything
+    is checked before any features are computed.
     """
     ref = load_ref(ref_path, detector=detector if detector in DETECTORS else None)
     dataset = open_images(image_path, num=num, seed=seed)
-    det = load_detector(detector or ref['detector'] or 'inception', device, image_shape=dataset.image_shape)
+    det = load_detector(detector_for_ref(detector, ref), device, image_shape=dataset.image_shape)
     check_ref(ref, det.feature_dim, det.name)
     stats = compute_feature_stats(dataset_batches(dataset, batch_size, num_workers), det)
     return fid_from_stats(stats, ref)
@@ -395,7 +414,7 @@ def calc_network_fids(net: torch.nn.Module, ref_path: str, num: int = 50000, rep
     """
     net = perf.prepare_for_inference(net, precision=precision, channels_last=channels_last, compile=compile)
     ref = load_ref(ref_path, detector=detector if detector in DETECTORS else None)
-    det = load_detector(detector or ref['detector'] or 'inception', device,
+    det = load_detector(detector_for_ref(detector, ref), device,
                         image_shape=[net.img_channels, net.img_resolution, net.img_resolution])
     check_ref(ref, det.feature_dim, det.name)
     fids = []
@@ -406,3 +425,67 @@ def calc_network_fids(net: torch.nn.Module, ref_path: str, num: int = 50000, rep
         fids.append(fid_from_stats(stats, ref))
         distributed.print0(f'seeds {seeds.start}-{seeds.stop - 1}: FID {fids[-1]:g}')
     return fids
+
+#----------------------------------------------------------------------------
+# Our Inception against EDM's pickle: what fid.py convert-inception and check-inception do.
+
+@torch.no_grad()
+def convert_inception_pickle(src: str, dest: str, device: torch.device | str = 'cpu') -> float:
+    """EDM's Inception pickle -> an Inception state dict at `dest` (for load_detector), written only if both networks
+    give the same features on random images; returns their largest difference relative to the largest feature.
+
+    Runs the pickle's code: convert only a file you trust.
+    """
+    device = torch.device(device)
+    pkl = PickleDetector('inception', _load_detector_file(src, device), device)
+    if not callable(getattr(pkl.net, 'state_dict', None)):
+        raise UserError(f'{src} does not hold a torch module')
+    net = inception.InceptionV3()
+    net.load_state_dict(inception.state_dict_from_edm(pkl.net.state_dict()))
+    ours = InceptionDetector(net, device)
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, [2, 3, 64, 64], dtype=torch.uint8, generator=gen).to(device)
+    expected, features = pkl(images), ours(images)
+    if expected.shape != features.shape:
+        raise UserError(f'{src} gives features of shape {list(expected.shape)}, not {list(features.shape)}')
+    difference = ((features - expected).abs().max() / expected.abs().max()).item()
+    if not difference <= 1e-3:
+        raise UserError(f'The converted network differs from {src} by up to {difference:.3g} of the largest feature; '
+                        f'{dest} not written')
+    with dnnlib.util.atomic_write(dest) as f:
+        torch.save(net.cpu().state_dict(), f)
+    return difference
+
+
+@torch.no_grad()
+def compare_detectors(image_path: str, names: Sequence[str] = ('inception', 'inception-pkl'), num: int = 1000,
+                      seed: int = 0, batch_size: int = 64, device: torch.device | str = 'cpu',
+                      num_workers: int = 0) -> dict[str, Any]:
+    """Two detectors on the same `num` images of a dataset (one process): the largest feature difference, the
+    largest feature, and each detector's FID between the first and the second half of the images.
+
+    Those FIDs add 1e-6 to both covariance diagonals: with fewer images than feature dimensions the covariances
+    are singular, and the ridge keeps the two FIDs comparable with each other (not with FIDs of 50,000 images).
+    """
+    dataset = open_images(image_path, num=num, seed=seed)
+    dets = [load_detector(name, device, image_shape=dataset.image_shape) for name in names]
+    if dets[0].feature_dim != dets[1].feature_dim:
+        raise UserError(f'Detectors {names[0]} and {names[1]} give {dets[0].feature_dim}-d and {dets[1].feature_dim}-d features')
+    features = [[], []]
+    for batch in dataset_batches(dataset, batch_size, num_workers):
+        for out, det in zip(features, dets):
+            out.append(det(batch.to(det.device)).to('cpu', torch.float64))
+    features = [torch.cat(f) for f in features]
+    half = len(dataset) // 2
+    ridge = np.eye(dets[0].feature_dim) * 1e-6
+    fids = []
+    for f in features:
+        halves = []
+        for part in (f[:half], f[half:]):
+            stats = FeatureStats(f.shape[1])
+            stats.append(part)
+            mu, sigma = stats.mean_cov()
+            halves += [mu, sigma + ridge]
+        fids.append(frechet_distance(*halves))
+    return dict(num=len(dataset), max_diff=(features[0] - features[1]).abs().max().item(),
+                max_feature=features[1].abs().max().item(), fids=fids)
