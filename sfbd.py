@@ -5,7 +5,7 @@ import click
 from dnnlib.cli import AUTO_HELP, DETECTOR_HELP, INFERENCE_PRECISION_HELP, check_writable_dir, config_option, grid_option, train_options
 from torch_utils import distributed, perf
 from training import options, sfbd
-from training.options import SFBDOptions, TrainOptions
+from training.options import FINETUNE_DATA, SFBDOptions, TrainOptions
 
 D = SFBDOptions(clean='', noisy='', train_kwargs={})  # the defaults
 
@@ -28,7 +28,8 @@ D = SFBDOptions(clean='', noisy='', train_kwargs={})  # the defaults
 @click.option('--ft-lr', 'finetune_lr',        help='Fine-tune learning rate (fresh Adam every iteration)  [default: --lr]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
 @click.option('--ft-lr-rampup', 'finetune_lr_rampup_kimg', help='Fine-tune lr warm-up in thousands of images, restarted every iteration  [default: --lr-rampup]', metavar='KIMG', type=click.FloatRange(min=0))
 @click.option('--ft-ema',        help='Fine-tune EMA half-life in millions of images  [default: --ema]', metavar='MIMG', type=click.FloatRange(min=0))
-@click.option('--clean-mix',     help='Share of each fine-tune batch drawn from D_clean; 0 = Algorithm 1 exactly', metavar='FLOAT', type=click.FloatRange(min=0, max=1, max_open=True), default=D.clean_mix)
+@click.option('--finetune-data', help='What each fine-tune trains on: ' + '; '.join(f'{k} = {v}' for k, v in FINETUNE_DATA.items()), type=click.Choice(list(FINETUNE_DATA)), default=D.finetune_data)
+@click.option('--clean-mix',     help='With --finetune-data=mix: the share of each fine-tune batch drawn from D_clean', metavar='FLOAT', type=click.FloatRange(min=0, max=1, max_open=True), default=D.clean_mix)
 @click.option('--denoise-steps', help='Steps of the full EDM schedule (sigma 80 -> 0.002) before truncation at sigma_tau', metavar='INT', type=click.IntRange(min=2), default=D.denoise_steps)
 @click.option('--denoise-solver', help='Backward solver from sigma_tau to 0: ode (Heun, probability flow, as the official code) or sde (reverse-time SDE, as the paper)', type=click.Choice(['ode', 'sde']), default=D.denoise_solver)
 @click.option('--denoise-batch', help='Images per denoising batch; also the unit kept on a resume', metavar='INT', type=click.IntRange(min=1), default=D.denoise_batch)
@@ -45,6 +46,7 @@ D = SFBDOptions(clean='', noisy='', train_kwargs={})  # the defaults
 @click.option('--eval-steps',    help='Heun steps when generating for FID and sample grids', metavar='INT', type=click.IntRange(min=2), default=D.eval_steps)
 @click.option('--eval-batch',    help='Generation batch per process', metavar='INT', type=click.IntRange(min=1), default=D.eval_batch)
 @click.option('--eval-precision', help=f'Arithmetic of FID and sample-grid generation: {INFERENCE_PRECISION_HELP}', type=click.Choice(list(perf.INFERENCE_PRECISIONS)), default=D.eval_precision)
+@click.option('--final-fid-repeats', help='FID of the last model over this many seed sets of --eval-num images (EDM reports the minimum of 3); metrics.jsonl records min and mean', metavar='INT', type=click.IntRange(min=1), default=D.final_fid_repeats)
 @click.option('--fid-ref',       help='FID reference statistics (.npz path or URL, e.g. from fid.py ref)  [default: no FID]', metavar='NPZ|URL', type=str)
 @click.option('--detector',      help=DETECTOR_HELP, metavar='NAME|PKL', type=str, default=D.detector)
 @grid_option(D.grid_num, 'Images in each iteration\'s samples.png (0 = none)')
@@ -56,8 +58,8 @@ def main(**kwargs) -> None:
 
     Pixels and every sigma are in [-1, 1] units (sigma 0.2 = 25.5 grey levels). Pretrains on
     --clean (or starts from --pretrained), then for k = 1..K: (a) denoises every noisy image
-    backward from sigma_tau to 0 with model k-1, giving E_k; (b) fine-tunes model k-1 on E_k;
-    (c) measures FID against --fid-ref and, for simulated noisy sets, the error of E_k against the
+    backward from sigma_tau to 0 with model k-1, giving E_k; (b) fine-tunes model k-1 on D_clean and
+    E_k (--finetune-data); (c) measures FID against --fid-ref and, for simulated noisy sets, the error of E_k against the
     originals. Denoising, training and FID generation are sharded over the processes of torchrun.
     Killed at any point, the same command resumes where it stopped.
 

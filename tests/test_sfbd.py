@@ -15,7 +15,7 @@ import dnnlib
 import sfbd as sfbd_cli
 from tests.conftest import run_python
 from torch_utils import perf
-from training import checkpoint, data_prep, metrics, sampler, sfbd, training_loop
+from training import checkpoint, data_prep, metrics, options, sampler, sfbd, training_loop
 from training.dataset import open_dataset
 from training.images import to_model_space, to_uint8
 from training.networks import EDMPrecond
@@ -119,14 +119,40 @@ def test_end_to_end_metrics_and_plots(run_a, data):
         assert not os.path.exists(os.path.join(run_dir, f'iter-{k:03d}', 'denoised.parts'))
 
 
-def test_clean_mix_zero_feeds_no_clean_image(run_a):
+def test_finetunes_train_on_the_union_of_clean_and_denoised_by_default(run_a, data):
     (pre_size, pre_rows), *finetunes = run_a['batches']
     assert pre_size == 32 and len(finetunes) == 2
     for main_size, rows in finetunes:
-        assert main_size == NUM_NOISY and rows
-        assert all((r < NUM_NOISY).all() for r in rows)  # rows >= main_size would be clean (mix) images
+        # One set of 32 clean + 64 denoised images; a fine-tune of 128 images sees a whole epoch of it first.
+        assert main_size == 32 + NUM_NOISY
+        assert set(np.concatenate(rows[:6]).tolist()) == set(range(32 + NUM_NOISY))
     options = json.load(open(os.path.join(run_a['dir'], 'iter-001', 'finetune', 'training_options.json')))
+    assert options['dataset_kwargs']['path'] == [data['clean'], os.path.join(run_a['dir'], 'iter-001', 'denoised')]
     assert options['mix_dataset_kwargs'] is None and options['mix_fraction'] == 0
+
+
+@pytest.mark.parametrize('mode, path, mix', [('union', ['C', 'E'], None), ('denoised', 'E', None), ('mix', 'E', 'C')])
+def test_finetune_data_modes(mode, path, mix):
+    o = options.SFBDOptions(clean='C', noisy='N', train_kwargs=dict(batch_size=16), finetune_data=mode,
+                            clean_mix=0.25 if mode == 'mix' else 0)
+    o.check()
+    ft = options.finetune_kwargs(o, 3, 'net.pt', 'E')
+    assert ft['dataset_kwargs']['path'] == path and ft['transfer'] == 'net.pt' and ft['seed'] == 3
+    assert (ft.get('mix_dataset_kwargs') or {}).get('path') == mix and ft.get('mix_fraction', 0) == (0.25 if mix else 0)
+
+
+@pytest.mark.parametrize('mode, clean_mix', [('union', 0.5), ('denoised', 0.1), ('mix', 0)])
+def test_clean_mix_goes_with_mix_only(mode, clean_mix):
+    with pytest.raises(dnnlib.UserError, match='--finetune-data=mix'):
+        options.SFBDOptions(clean='C', noisy='N', train_kwargs={}, finetune_data=mode, clean_mix=clean_mix).check()
+
+
+def test_schedule_warns_when_the_warmup_outlasts_a_finetune():
+    o = options.SFBDOptions(clean='C', noisy='N', train_kwargs=dict(lr_rampup_kimg=10000), finetune_kimg=2000)
+    [warning] = options.schedule_warnings(o)
+    assert '10000 kimg' in warning and '2000 kimg' in warning and '20%' in warning
+    assert options.schedule_warnings(options.SFBDOptions(clean='C', noisy='N', train_kwargs={}, finetune_kimg=2000,
+                                                         finetune_lr_rampup_kimg=500)) == []
 
 
 class Interrupt(Exception):
@@ -178,7 +204,7 @@ def test_every_noisy_index_once_and_chunks_kept(data, tmp_path, monkeypatch):
 def test_one_and_two_processes_give_identical_e1(run_a, data, tmp_path, torchrun):
     pretrained = os.path.join(run_a['dir'], 'pretrain', 'network-snapshot-000001.pt')
     assert os.path.isfile(pretrained)
-    extra = [f'--pretrained={pretrained}', '--iters=1', '--denoise-solver=sde', '--eval-every=0', '--clean-mix=0.5']
+    extra = [f'--pretrained={pretrained}', '--iters=1', '--denoise-solver=sde', '--eval-every=0', '--finetune-data=mix', '--clean-mix=0.5']
     _BatchSpy.runs = []
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(training_loop, 'BatchOrder', _BatchSpy)

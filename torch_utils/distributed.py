@@ -25,6 +25,9 @@ def init(backend: str | None = None, device: str | None = None) -> None:
         device = 'cuda' if torch.cuda.is_available() else 'cpu'
     if device.startswith('cuda') and torch.cuda.is_available():
         torch.cuda.set_device(get_local_rank() % torch.cuda.device_count())
+        # One arithmetic for every phase (training, denoising, generation, FID features): TF32 off from the start.
+        from torch_utils import perf
+        perf.configure_backends(torch.device('cuda', torch.cuda.current_device()))
     if world_size > 1 and not torch.distributed.is_initialized():
         if backend is None:
             backend = 'nccl' if device.startswith('cuda') else 'gloo'

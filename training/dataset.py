@@ -329,9 +329,37 @@ class ArrayDataset(Dataset):
 
 #----------------------------------------------------------------------------
 
-def open_dataset(path: str, *, xflip: bool = False, max_size: int | None = None, use_labels: bool = False,
-                 cache: bool = False, random_seed: int = 0, **kwargs) -> Dataset:
-    """Open an array dataset (directory with images.npy) or an image folder/zip, whichever `path` is."""
+class DatasetUnion(torch.utils.data.Dataset):
+    """Several data sets of one image shape as one: items of the first, then of the second, ... (every image once)."""
+
+    def __init__(self, parts: Sequence[Dataset]):
+        self.parts = list(parts)
+        first = self.parts[0]
+        for part in self.parts[1:]:
+            if (part.image_shape, part.label_dim) != (first.image_shape, first.label_dim):
+                raise UserError(f'Cannot train on {first.name} and {part.name} together: images {first.image_shape} '
+                                f'with {first.label_dim} label dims against {part.image_shape} with {part.label_dim}')
+        self._offsets = np.cumsum([0] + [len(p) for p in self.parts])
+        self.name = '+'.join(p.name for p in self.parts)
+        self.image_shape, self.label_dim, self.has_labels = first.image_shape, first.label_dim, first.has_labels
+        self.num_channels, self.resolution = first.num_channels, first.resolution
+        self.metadata, self.sigma = {'union_of': [p.name for p in self.parts]}, None
+
+    def __len__(self) -> int:
+        return int(self._offsets[-1])
+
+    def __getitem__(self, idx: int) -> tuple[np.ndarray, np.ndarray]:
+        part = int(np.searchsorted(self._offsets, idx, side='right')) - 1
+        return self.parts[part][idx - int(self._offsets[part])]
+
+
+def open_dataset(path: str | Sequence[str], *, xflip: bool = False, max_size: int | None = None, use_labels: bool = False,
+                 cache: bool = False, random_seed: int = 0, **kwargs) -> Dataset | DatasetUnion:
+    """Open an array dataset (directory with images.npy) or an image folder/zip, whichever `path` is; a list of
+    paths opens each the same way and returns their union (SFBD's fine-tune on D_clean and E_k)."""
+    if isinstance(path, (list, tuple)):
+        return DatasetUnion([open_dataset(p, xflip=xflip, max_size=max_size, use_labels=use_labels, cache=cache,
+                                          random_seed=random_seed, **kwargs) for p in path])
     path = os.fspath(path)
     if not os.path.exists(path):
         raise UserError(f'Dataset not found: {path}')

@@ -92,6 +92,14 @@ class TrainingOptions:
         return json_round_trip(d)
 
 
+# What each SFBD fine-tune trains on.
+FINETUNE_DATA = {
+    'union': 'D_clean and E_k as one set, every image equally likely (the official README merges them into one folder)',
+    'denoised': 'E_k alone (Algorithm 1 as printed)',
+    'mix': 'E_k with a fixed share round(clean_mix * batch) of every batch from D_clean',
+}
+
+
 @dataclasses.dataclass
 class SFBDOptions:
     """run_sfbd's options, recorded in sfbd_options.json; a rerun must give the same ones (except `iters`)."""
@@ -108,7 +116,8 @@ class SFBDOptions:
     finetune_lr: float | None = None              # Fine-tune learning rate; None: that of train_kwargs.
     finetune_lr_rampup_kimg: float | None = None  # Fine-tune lr warm-up (restarted every iteration); None: train_kwargs'.
     finetune_ema_halflife_kimg: float | None = None  # Fine-tune EMA half-life in kimg; None: train_kwargs'.
-    clean_mix: float = 0.0                        # Share of each fine-tune batch from D_clean; 0 = Algorithm 1 exactly.
+    finetune_data: str = 'union'                  # FINETUNE_DATA: what each fine-tune trains on (see finetune_kwargs).
+    clean_mix: float = 0.0                        # With finetune_data='mix': the share of each batch from D_clean.
     denoise_steps: int = 18                       # Steps of the full EDM schedule before truncation at sigma_tau.
     denoise_solver: str = 'ode'                   # 'ode' (Heun, probability flow; official code) or 'sde' (reverse SDE).
     denoise_batch: int = 256                      # Images per denoising chunk (also the unit of resumption).
@@ -123,11 +132,12 @@ class SFBDOptions:
     detector: str = 'inception'                   # FID feature detector (training.metrics.load_detector).
     grid_num: int = 64                            # Images in each samples.png; 0: none.
     strip_num: int = 8                            # Images in each strip.png (noisy | denoised | original); 0: none.
+    final_fid_repeats: int = 3                    # Seed sets of eval_num images for the last model's FID (EDM: min of 3).
     seed: int = 0                                 # Seed of pretraining (k = 0), fine-tune k (seed + k) and denoising.
 
     def check(self) -> None:
         """One-line errors for values no run can use (the data sets are checked by run_sfbd)."""
-        choices = dict(denoise_solver=('ode', 'sde'), denoise_dtype=('uint8', 'float32'),
+        choices = dict(finetune_data=tuple(FINETUNE_DATA), denoise_solver=('ode', 'sde'), denoise_dtype=('uint8', 'float32'),
                        denoise_precision=perf.INFERENCE_PRECISIONS, eval_precision=perf.INFERENCE_PRECISIONS)
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -136,6 +146,11 @@ class SFBDOptions:
             raise UserError(f'--iters must be at least 1, got {self.iters}')
         if not 0 <= self.clean_mix < 1:
             raise UserError(f'--clean-mix must be in [0, 1), got {self.clean_mix}')
+        if (self.clean_mix > 0) != (self.finetune_data == 'mix'):
+            raise UserError(f'--clean-mix={self.clean_mix:g} goes with --finetune-data=mix, and mix needs --clean-mix > 0 '
+                            f'(got --finetune-data={self.finetune_data})')
+        if self.final_fid_repeats < 1:
+            raise UserError(f'--final-fid-repeats must be at least 1, got {self.final_fid_repeats}')
         for name in ('pretrain_kimg', 'finetune_kimg', 'finetune_lr', 'finetune_lr_rampup_kimg', 'finetune_ema_halflife_kimg', 'sigma'):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value >= 0):
@@ -258,7 +273,7 @@ def sfbd_options(t: TrainOptions, device: torch.device | str, *, ft_ema: float |
         eval_precision=perf.resolve_precision(eval_precision, device, inference=True), **sfbd)
 
 
-def _sfbd_data(o: SFBDOptions, path: str) -> dict:
+def _sfbd_data(o: SFBDOptions, path: str | list[str]) -> dict:
     return dict(class_name='training.dataset.open_dataset', **o.dataset_kwargs, path=path)
 
 
@@ -270,14 +285,15 @@ def pretrain_kwargs(o: SFBDOptions) -> dict:
 def finetune_kwargs(o: SFBDOptions, k: int, network: str, denoised: str) -> dict:
     """training_loop options of fine-tune k, everything it trains with.
 
-    Data: E_k (`denoised`), with round(clean_mix * batch) images of every batch from D_clean when
-    clean_mix > 0. Start: model k-1 (`network`) copied into net and EMA, its own architecture
+    Data (finetune_data): 'union' D_clean and E_k (`denoised`) as one set, every image equally
+    likely; 'denoised' E_k alone; 'mix' E_k with round(clean_mix * batch) images of every batch
+    from D_clean. Start: model k-1 (`network`) copied into net and EMA, its own architecture
     (network_kwargs None), a fresh Adam, the image counter at 0 so the lr warm-up restarts, no EMA
     ramp-up (as EDM's --transfer and the official code). Duration finetune_kimg, seed `seed + k`; lr,
     warm-up and EMA half-life from the finetune_* options where given, else the training options'.
     """
     ft = dict(o.train_kwargs, network_kwargs=None, transfer=network, ema_rampup_ratio=None,
-              dataset_kwargs=_sfbd_data(o, denoised),
+              dataset_kwargs=_sfbd_data(o, [o.clean, denoised] if o.finetune_data == 'union' else denoised),
               total_kimg=o.finetune_kimg, seed=o.seed + k)
     if o.finetune_lr is not None:
         ft['optimizer_kwargs'] = dict(ft.get('optimizer_kwargs') or ADAM, lr=o.finetune_lr)
@@ -285,7 +301,20 @@ def finetune_kwargs(o: SFBDOptions, k: int, network: str, denoised: str) -> dict
         ft['lr_rampup_kimg'] = o.finetune_lr_rampup_kimg
     if o.finetune_ema_halflife_kimg is not None:
         ft['ema_halflife_kimg'] = o.finetune_ema_halflife_kimg
-    if o.clean_mix > 0:
+    if o.finetune_data == 'mix':
         ft.update(mix_dataset_kwargs=_sfbd_data(o, o.clean), mix_fraction=o.clean_mix)
     return ft
+
+
+def schedule_warnings(o: SFBDOptions) -> list[str]:
+    """One line for each part of the SFBD schedule that cannot do what it seems to: a fine-tune whose lr warm-up
+    (restarted every iteration) outlasts it never reaches its learning rate."""
+    rampup = o.finetune_lr_rampup_kimg
+    if rampup is None:
+        rampup = o.train_kwargs.get('lr_rampup_kimg', TrainingOptions.lr_rampup_kimg)
+    if rampup > o.finetune_kimg:
+        return [f'Warning: the fine-tune lr warm-up ({rampup:g} kimg, restarted every iteration) is longer than each '
+                f'fine-tune ({o.finetune_kimg:g} kimg): fine-tunes end at {o.finetune_kimg / rampup:.0%} of their learning '
+                f'rate; pass --ft-lr-rampup <= --finetune-kimg to reach it']
+    return []
 

@@ -269,6 +269,10 @@ def format_summary(records: list[dict]) -> str:
             return format(r[key], fmt) if r.get(key) is not None else '-'
         lines.append(f'{r["k"]:>3}  {num("fid", ".4f"):>10}  {num("denoise_mse", ".3e"):>11}  {num("denoise_psnr", ".2f"):>8}  '
                      f'{dnnlib.util.format_time(r.get("sec", 0)):>8}  {r["network"]}')
+    last = records[-1] if records else {}
+    if last.get('fid_min') is not None:
+        lines.append(f'Model {last["k"]}: FID min {last["fid_min"]:.4f} mean {last["fid_mean"]:.4f} over '
+                     f'{last["fid_repeats"]} seed sets of {last["fid_num"]} images (EDM reports the minimum)')
     return '\n'.join(lines)
 
 #----------------------------------------------------------------------------
@@ -298,18 +302,28 @@ def _evaluate(k: int, network: str, o: SFBDOptions, run: dnnlib.EasyDict) -> dic
     if distributed.is_main() and o.grid_num > 0:
         save_samples(os.path.join(d, 'samples.png'), net, o.grid_num, sampler_kwargs, run.device)
     if run.detector is not None and (k % o.eval_every == 0 or k == o.iters):
-        progress = _progress(o.eval_num, len(distributed.shard(o.eval_num)), f'Generating for FID of model {k}')
-
-        def batches() -> Iterator[torch.Tensor]:
-            for seeds, batch in generation.generate_images(net, range(o.eval_num), batch_size=o.eval_batch, device=run.device,
-                                                           sampler_kwargs=sampler_kwargs):
-                progress(len(seeds))
-                yield batch
-        record['fid'] = metrics.fid_from_stats(metrics.compute_feature_stats(batches(), run.detector), run.ref)
-        record.update(fid_detector=run.detector.name, fid_num=o.eval_num)
-        distributed.print0(f'FID of model {k}: {record["fid"]:.4f} ({o.eval_num} images, detector {run.detector.name})')
+        # The last model as EDM reports it: seed set r = [r * eval_num, (r + 1) * eval_num); 'fid' is set 0 for every k.
+        fids = [_fid(net, range(r * o.eval_num, (r + 1) * o.eval_num), o, run, f'model {k}, seed set {r + 1}')
+                for r in range(o.final_fid_repeats if k == o.iters else 1)]
+        record.update(fid=fids[0], fid_detector=run.detector.name, fid_num=o.eval_num)
+        if len(fids) > 1:
+            record.update(fid_min=min(fids), fid_mean=float(np.mean(fids)), fid_repeats=len(fids))
+        distributed.print0(f'FID of model {k}: {", ".join(f"{x:.4f}" for x in fids)} ({o.eval_num} images per seed set, '
+                           f'detector {run.detector.name})' + (f'; min {min(fids):.4f} mean {np.mean(fids):.4f}' if len(fids) > 1 else ''))
     distributed.barrier()
     return record
+
+
+def _fid(net: torch.nn.Module, seeds: range, o: SFBDOptions, run: dnnlib.EasyDict, desc: str) -> float:
+    """FID of the images generated for `seeds` (sharded over ranks) against the reference; collective."""
+    progress = _progress(len(seeds), len(distributed.shard(len(seeds))), f'Generating for FID of {desc}')
+
+    def batches() -> Iterator[torch.Tensor]:
+        for batch_seeds, batch in generation.generate_images(net, seeds, batch_size=o.eval_batch, device=run.device,
+                                                             sampler_kwargs=dict(num_steps=o.eval_steps)):
+            progress(len(batch_seeds))
+            yield batch
+    return metrics.fid_from_stats(metrics.compute_feature_stats(batches(), run.detector), run.ref)
 
 
 def _finish(k: int, record: dict, records: list[dict], run_dir: str) -> None:
@@ -377,6 +391,9 @@ def _algorithm1(o: SFBDOptions, run: dnnlib.EasyDict) -> str:
         distributed.print0('The noisy set names no originals: denoising error not measured')
     if run.detector is None:
         distributed.print0('No --fid-ref (or --eval-every 0): FID not measured')
+    distributed.print0(f'Fine-tunes train on: {options.FINETUNE_DATA[o.finetune_data]}')
+    for warning in options.schedule_warnings(o):
+        distributed.print0(warning)
     # Model 0: the given network, or pretraining on D_clean.
     network = o.pretrained
     if network is None:
