@@ -179,21 +179,24 @@ class BatchRandom:
         self.device = torch.device(device)
         rows = torch.arange(start, stop, dtype=torch.int64, device=self.device)
         self._rows = torch.stack([rows, torch.zeros_like(rows)])[:, :, None]  # counter words (x1, x3) per row
-        self._next = 0                      # next unused block of every row's stream
-        self._cached = (0, None, None)      # (first block, a, b) of the last Philox pass
+        self._next = 0        # next unused block of every row's stream
+        self._pass = None     # the last Philox pass: [first block, lanes (a, b), its float32 normals or None]
+
+    def _take(self, n: int) -> tuple[list, slice]:
+        """The Philox pass holding the next n blocks of every row, and their positions in it."""
+        if self._pass is None or self._next + n > self._pass[0] + self._pass[1][0].shape[2]:
+            count = max(n, self._MIN_BLOCKS)
+            blocks = torch.zeros([2, 1, count], dtype=torch.int64, device=self.device)
+            torch.arange(self._next, self._next + count, dtype=torch.int64, device=self.device, out=blocks[0, 0])
+            self._pass = [self._next, _philox_lanes(blocks, self._rows, self.key), None]
+        offset = self._next - self._pass[0]
+        self._next += n
+        return self._pass, slice(offset, offset + n)
 
     def _blocks(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The next n blocks of every row as lanes (a, b) = ([x0, x2], [x1, x3]), each [2, rows, n]."""
-        first, a, b = self._cached
-        if a is None or self._next + n > first + a.shape[2]:
-            first, count = self._next, max(n, self._MIN_BLOCKS)
-            blocks = torch.zeros([2, 1, count], dtype=torch.int64, device=self.device)
-            torch.arange(first, first + count, dtype=torch.int64, device=self.device, out=blocks[0, 0])
-            a, b = _philox_lanes(blocks, self._rows, self.key)
-            self._cached = (first, a, b)
-        offset = self._next - first
-        self._next += n
-        return a[:, :, offset:offset + n], b[:, :, offset:offset + n]
+        pass_, cols = self._take(n)
+        return tuple(x[:, :, cols] for x in pass_[1])
 
     def _words(self, count: int) -> torch.Tensor:
         """The next `count` 32-bit words of every row (whole blocks taken), [rows, count]."""
@@ -225,8 +228,11 @@ class BatchRandom:
             k = self._uniform_ints(2 * pairs, 53)
             z0, z1 = _box_muller(k[:, 0::2], k[:, 1::2], 53, torch.float64)
             return self._shaped(torch.cat([z0, z1], dim=1), shape, dtype)
-        a, b = self._blocks(-(-pairs // 2))
-        z0, z1 = _box_muller(a >> 8, b >> 8, 24, torch.float32)
+        pass_, cols = self._take(-(-pairs // 2))
+        if pass_[2] is None:  # Box-Muller once per pass: the small draws of a step slice it
+            a, b = pass_[1]
+            pass_[2] = _box_muller(a >> 8, b >> 8, 24, torch.float32)
+        z0, z1 = (z[:, :, cols] for z in pass_[2])
         return self._shaped(torch.stack([z0[0], z1[0], z0[1], z1[1]], dim=1).flatten(1), shape, dtype)
 
     def randint(self, low: int, high: int, *shape: int) -> torch.Tensor:
