@@ -105,7 +105,7 @@ def philox4x32(counter: Sequence[torch.Tensor | int], key: tuple[int, int], devi
 # Integers to floats with exactly rounded operations only (see the module docstring).
 
 _LN2 = math.log(2)
-# Series terms to the precision of each type on the reduced ranges below (first omitted term < 2^-28 resp. 2^-55).
+# Series terms to the precision of each type on the reduced ranges below (first omitted term < 2^-28 resp. 2^-53).
 _ATANH_TERMS = {torch.float32: 5, torch.float64: 10}  # ln m = 2 s sum_n s^2n / (2n+1), s = (m-1)/(m+1), |s| <= 0.172
 _SIN_TERMS = {torch.float32: 5, torch.float64: 8}     # |theta| <= pi/4
 # (stored mantissa bits, bit pattern of sqrt(1/2), integer type of the same width) per float type.
