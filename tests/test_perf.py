@@ -148,6 +148,7 @@ def test_benches_run_on_tiny_preset():
     import os
     import sys
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'bench'))
+    import bench_rng
     import bench_sampler
     import bench_train
     import common
@@ -161,3 +162,9 @@ def test_benches_run_on_tiny_preset():
     rows, nfe = bench_sampler.bench_sampler('tiny', dev, batch=2, iters=1, warmup=1, variants=common.parse_variants('x2', 'xN'),
                                             mode='denoise', num_steps=18, sigma_tau=0.2)
     assert nfe == 11 and [r['batch'] for r in rows] == [2, 4]
+    # One step's draws as the loss and augment pipe make them: sigma, 14 for EDM's augmentation, the noise.
+    batch, calls = bench_rng.step_draws('cifar10-ddpmpp')
+    assert batch == 512 and len(calls) == 16 and calls[0] == ('randn', (1, 1, 1), {}) and calls[-1] == ('randn', (3, 32, 32), {})
+    rows = bench_rng.bench_rng('tiny', dev, worlds=[1, 2], iters=1, warmup=1)
+    assert [(r['world'], r['rows'], r['draws']) for r in rows] == [(1, 16, 2), (2, 8, 2)] and rows[0]['keyed_vs_1'] == 1
+    assert rows[1]['old_ms'] > 0 and rows[1]['speedup'] > 0
