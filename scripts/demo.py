@@ -86,10 +86,13 @@ def _newest_snapshot(run_dir: str) -> str:
 #----------------------------------------------------------------------------
 # The run.
 
-def run_demo(outdir: str, *, preset: str, max_images: int | None, clean: float, sigma: float, seed: int) -> dict:
-    """Data -> SFBD -> two baselines with the same schedule -> Frechet distances, table, plot, pictures; returns the results."""
+def run_demo(outdir: str, *, preset: str, max_images: int | None, clean: float, sigma: float, seed: int,
+             finetune_data: str = 'union', heldout: float = 0.1, audit_num: int = 1000) -> dict:
+    """Data -> SFBD -> two baselines with the same schedule -> Frechet distances, memorization audit, table, plot,
+    pictures; returns the results."""
     outdir = os.path.abspath(outdir)
-    settings = dict(preset=preset, max_images=max_images, clean=clean, sigma=sigma, seed=seed)
+    settings = dict(preset=preset, max_images=max_images, clean=clean, sigma=sigma, seed=seed, finetune_data=finetune_data,
+                    heldout=heldout, audit_num=audit_num)
     settings_path = os.path.join(outdir, 'demo_settings.json')
     if os.path.isfile(settings_path):
         with open(settings_path) as f:
@@ -102,13 +105,17 @@ def run_demo(outdir: str, *, preset: str, max_images: int | None, clean: float, 
     run = Runner(outdir, threads=1)
     start = time.time()
 
-    # 1. Data: convert, split off the clean share, corrupt the rest once, statistics of the held-out originals.
+    # 1. Data: convert, set a held-out share aside (never trained on: the audit's baseline), split off the clean
+    #    share, corrupt the rest once, statistics of the noisy set's originals.
     data = os.path.join(outdir, 'data')
-    digits, clean_set, rest = (os.path.join(data, n) for n in ('digits.zip', 'clean.zip', 'rest.zip'))
+    digits, held_set, pool, clean_set, rest = (os.path.join(data, n) for n in
+                                               ('digits.zip', 'heldout.zip', 'pool.zip', 'clean.zip', 'rest.zip'))
     noisy, ref = os.path.join(data, f'noisy-{sigma:g}'), os.path.join(data, 'ref-pixels.npz')
     run('dataset_tool.py', 'convert', '--source=sklearn-digits', f'--dest={digits}',
         *([f'--max-images={max_images}'] if max_images else []), skip=os.path.exists(digits))
-    run('dataset_tool.py', 'split', f'--source={digits}', f'--clean={clean:g}', f'--seed={seed}', f'--dest-clean={clean_set}',
+    run('dataset_tool.py', 'split', f'--source={digits}', f'--clean={heldout:g}', f'--seed={seed}', f'--dest-clean={held_set}',
+        f'--dest-rest={pool}', skip=os.path.exists(held_set) and os.path.exists(pool))
+    run('dataset_tool.py', 'split', f'--source={pool}', f'--clean={clean:g}', f'--seed={seed}', f'--dest-clean={clean_set}',
         f'--dest-rest={rest}', skip=os.path.exists(clean_set) and os.path.exists(rest))
     run('dataset_tool.py', 'corrupt', f'--source={rest}', f'--sigma={sigma:g}', f'--seed={seed}', f'--dest={noisy}',
         skip=os.path.exists(os.path.join(noisy, 'dataset.json')))
@@ -117,7 +124,7 @@ def run_demo(outdir: str, *, preset: str, max_images: int | None, clean: float, 
     # 2. SFBD (resumes by itself when rerun).
     sfbd_dir = os.path.join(outdir, 'sfbd')
     run('sfbd.py', f'--config={preset}', f'--outdir={sfbd_dir}', f'--clean={clean_set}', f'--noisy={noisy}',
-        f'--fid-ref={ref}', '--detector=pixels', f'--seed={seed}')
+        f'--fid-ref={ref}', '--detector=pixels', f'--seed={seed}', f'--finetune-data={finetune_data}')
     with open(os.path.join(sfbd_dir, 'metrics.jsonl')) as f:
         sfbd_records = [json.loads(line) for line in f]
     with open(os.path.join(sfbd_dir, 'sfbd_options.json')) as f:
@@ -157,13 +164,25 @@ def run_demo(outdir: str, *, preset: str, max_images: int | None, clean: float, 
             f'--steps={s.eval_steps}')
         grids[name] = dest
 
-    # 5. Results.
+    # 5. Memorization audit of every final model: its samples' nearest clean and original images, against the held-out baseline.
+    audits = {}
+    for m in METHODS:
+        dest = os.path.join(outdir, 'audit', m)
+        run('audit.py', f'--network={finals[m]}', f'--seeds=0-{audit_num - 1}', f'--steps={s.eval_steps}', f'--clean={clean_set}',
+            f'--noisy={noisy}', f'--heldout={held_set}', f'--outdir={dest}', skip=os.path.isfile(os.path.join(dest, 'audit.json')))
+        with open(os.path.join(dest, 'audit.json')) as f:
+            report = json.load(f)
+        audits[m] = {name: {key: entry['pixel'].get(key) for key in ('gu_rate', 'exact_copies', 'share_below_heldout_p05', 'heldout_p05')}
+                     | {'heldout_gu_rate': entry['pixel'].get('heldout', {}).get('gu_rate'), 'num_images': entry['num_images']}
+                     for name, entry in report['references'].items()}
+
+    # 6. Results.
     rows = [dict(k=k, kimg=P + k * F, **{f'fd_{m}': fds[m][k] for m in METHODS},
                  denoise_mse=sfbd_records[k].get('denoise_mse'), denoise_psnr=sfbd_records[k].get('denoise_psnr'))
             for k in range(K + 1)]
     results = dict(settings=settings, schedule=dict(pretrain_kimg=P, iters=K, finetune_kimg=F, eval_num=s.eval_num,
                                                     eval_steps=s.eval_steps),
-                   noisy_input_mse=sigma ** 2, references=references, rows=rows, final_networks=finals,
+                   noisy_input_mse=sigma ** 2, references=references, rows=rows, final_networks=finals, audit=audits,
                    total_sec=time.time() - start, steps=run.steps)
     with open(os.path.join(outdir, 'results.json'), 'w') as f:
         json.dump(results, f, indent=2)
@@ -171,7 +190,7 @@ def run_demo(outdir: str, *, preset: str, max_images: int | None, clean: float, 
     with open(os.path.join(outdir, 'results.md'), 'w') as f:
         f.write(table + '\n')
     plot_results(os.path.join(outdir, 'results.png'), results)
-    save_pictures(os.path.join(outdir, 'samples.png'), [('held-out originals', rest)] +
+    save_pictures(os.path.join(outdir, 'samples.png'), [('originals of D_noisy', rest)] +
                   [(f'{LABELS[m]}, k={K}' if m == 'sfbd' else f'{LABELS[m]}, {P + K * F:g} kimg', grids[m]) for m in METHODS])
     save_pictures(os.path.join(outdir, 'strips.png'), [(f'rows: noisy | E_{k} (SFBD iteration {k}) | original',
                                                         os.path.join(sfbd_dir, f'iter-{k:03d}', 'strip.png')) for k in sorted({1, K})],
@@ -204,6 +223,18 @@ def format_table(results: dict) -> str:
         lines.append(f'| {r["k"]} | {r["kimg"]:g} | {num(r["fd_sfbd"], ".3f")} | {num(r["fd_clean-only"], ".3f")} | '
                      f'{num(r["fd_noisy-only"], ".3f")} | {num(r["denoise_mse"], ".4f")} | {num(r["denoise_psnr"], ".2f")} |')
     lines += [''] + [f'Reference: FD of {name}: {fd:.3f}' for name, fd in results['references'].items()]
+    if results.get('audit'):
+        st = results['settings']
+        lines += ['', f'Memorization audit of each final model ({st["audit_num"]} samples; pixel L2 in [-1, 1] units; the held-out '
+                      f'{st["heldout"]:g} of the digits were never trained on): the share of samples nearer to a reference image than '
+                      f'95% of held-out images are (about 5% when nothing is copied), the Gu et al. rate d1/d2 < 1/3 (held-out images: '
+                      f'their own rate), and exact copies.', '',
+                  '| model | reference set | images | share < held-out p05 | Gu rate | Gu rate, held-out | exact copies |',
+                  '|---|---|---:|---:|---:|---:|---:|']
+        for m, per_ref in results['audit'].items():
+            for name, a in per_ref.items():
+                lines.append(f'| {LABELS[m]} | {name} | {a["num_images"]} | {num(a["share_below_heldout_p05"], ".1%")} | '
+                             f'{num(a["gu_rate"], ".1%")} | {num(a["heldout_gu_rate"], ".1%")} | {a["exact_copies"]} |')
     return '\n'.join(lines)
 
 
@@ -275,16 +306,21 @@ def save_pictures(path: str, panels: list[tuple[str, str]], *, vertical: bool = 
 @click.option('--clean',      help='Clean share D_clean: a fraction (0.04) or a count (50)', metavar='FRACTION|COUNT', type=click.FloatRange(min=0, min_open=True), default=0.04)
 @click.option('--sigma',      help='Noise std sigma_tau of the noisy set, [-1, 1] pixel units (0.5 = 64 grey levels)', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=0.5)
 @click.option('--seed',       help='Seed of the split, the noise and all training', metavar='INT', type=click.IntRange(min=0), default=0)
+@click.option('--finetune-data', help='What SFBD fine-tunes on (sfbd.py --finetune-data): union = D_clean and E_k, denoised = E_k alone (Algorithm 1 as printed), mix', type=click.Choice(['union', 'denoised', 'mix']), default='union')
+@click.option('--heldout',    help='Share of the digits set aside, never trained on: the baseline of the memorization audit', metavar='FRACTION', type=click.FloatRange(min=0, max=1, min_open=True, max_open=True), default=0.1)
+@click.option('--audit-num',  help='Samples per final model in the memorization audit', metavar='N', type=click.IntRange(min=2), default=1000)
 @click.option('--smoke',      help='A seconds-long check of the same steps: the tiny preset on 200 digits (overrides --config, --max-images, --clean)', is_flag=True)
-def main(config: str, outdir: str, max_images: int | None, clean: float, sigma: float, seed: int, smoke: bool) -> None:
+def main(config: str, outdir: str, max_images: int | None, clean: float, sigma: float, seed: int, finetune_data: str,
+         heldout: float, audit_num: int, smoke: bool) -> None:
     """SFBD end to end on scikit-learn's 8x8 handwritten digits (bundled: no download), on a CPU.
 
     Splits off a small clean set, corrupts the rest once with Gaussian noise of std --sigma, runs
     sfbd.py (pretraining, K iterations of denoising + fine-tuning) and two baselines with the same
     schedule and kimg: clean-only (the pretrained model fine-tuned on the clean set) and
     noisy-only (trained on the noisy images). Measures the Frechet distance of generated samples
-    to the held-out clean originals in pixel space (fid.py --detector=pixels) and the denoising
-    error of every E_k. Writes results.md (table), results.json, results.png (plot), samples.png,
+    to the noisy set's clean originals in pixel space (fid.py --detector=pixels), the denoising
+    error of every E_k, and audits every final model for memorization (audit.py: nearest clean and
+    original images against a held-out share of the digits never trained on). Writes results.md (table), results.json, results.png (plot), samples.png,
     strips.png (noisy | denoised | original) and commands.sh (every command, in order). The SFBD and
     training settings come from the preset (configs/demo.json), which sfbd.py and train.py read.
 
@@ -297,7 +333,10 @@ def main(config: str, outdir: str, max_images: int | None, clean: float, sigma: 
         preset, max_images, clean = SMOKE['preset'], SMOKE['max_images'], SMOKE['clean']
     if clean >= 1 and clean != int(clean):
         raise UserError(f'--clean={clean:g}: give a fraction below 1 or a whole number of images')
-    run_demo(outdir, preset=preset, max_images=max_images, clean=clean, sigma=sigma, seed=seed)
+    if smoke:
+        audit_num = min(audit_num, 64)
+    run_demo(outdir, preset=preset, max_images=max_images, clean=clean, sigma=sigma, seed=seed, finetune_data=finetune_data,
+             heldout=heldout, audit_num=audit_num)
 
 
 if __name__ == '__main__':

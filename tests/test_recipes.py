@@ -98,11 +98,16 @@ def test_demo_smoke(tmp_path):
         assert (r['denoise_mse'] is None) == (r['k'] == 0)
     # Model 0 of SFBD is the pretrained model, which is also where clean-only starts.
     assert results['rows'][0]['fd_sfbd'] == results['rows'][0]['fd_clean-only']
+    # The memorization audit of every final model, against the clean set and the noisy set's originals.
+    assert set(results['audit']) == {'sfbd', 'clean-only', 'noisy-only'}
+    for per_ref in results['audit'].values():
+        assert set(per_ref) == {'clean', 'originals'} and per_ref['clean']['num_images'] == 18
+        assert all(0 <= a['gu_rate'] <= 1 and 0 <= a['share_below_heldout_p05'] <= 1 for a in per_ref.values())
     table = (out / 'results.md').read_text()
-    assert len(re.findall(r'^\| \d+ \|', table, flags=re.M)) == K + 1
+    assert len(re.findall(r'^\| \d+ \|', table, flags=re.M)) == K + 1 and 'Memorization audit' in table
     for name in ('results.png', 'samples.png', 'strips.png'):
         assert PIL.Image.open(out / name).size[0] > 100
     commands = (out / 'commands.sh').read_text()
     for step in ('dataset_tool.py convert --source=sklearn-digits', 'dataset_tool.py split', 'dataset_tool.py corrupt',
-                 'fid.py ref', 'sfbd.py --config=tiny', 'train.py --config=tiny', 'fid.py gen'):
+                 'fid.py ref', 'sfbd.py --config=tiny', 'train.py --config=tiny', 'fid.py gen', 'audit.py --network='):
         assert step in commands, step
