@@ -47,6 +47,8 @@ D = SFBDOptions(clean='', noisy='', train_kwargs={})  # the defaults
 @click.option('--eval-batch',    help='Generation batch per process', metavar='INT', type=click.IntRange(min=1), default=D.eval_batch)
 @click.option('--eval-precision', help=f'Arithmetic of FID and sample-grid generation: {INFERENCE_PRECISION_HELP}', type=click.Choice(list(perf.INFERENCE_PRECISIONS)), default=D.eval_precision)
 @click.option('--final-fid-repeats', help='FID of the last model over this many seed sets of --eval-num images (EDM reports the minimum of 3); metrics.jsonl records min and mean', metavar='INT', type=click.IntRange(min=1), default=D.final_fid_repeats)
+@click.option('--audit-num',     help='Memorization audit of every evaluated model: samples per model (nearest D_clean and original images, audit.py\'s statistics in metrics.jsonl and iter-KKK/audit/); 0 = off', metavar='INT', type=click.IntRange(min=0), default=D.audit_num)
+@click.option('--audit-heldout', help='Held-out clean images never trained on: the audit\'s baseline  [default: no baseline]', metavar='ZIP|DIR', type=str, default=D.audit_heldout)
 @click.option('--fid-ref',       help='FID reference statistics (.npz path or URL, e.g. from fid.py ref)  [default: no FID]', metavar='NPZ|URL', type=str)
 @click.option('--detector',      help=DETECTOR_HELP, metavar='NAME|PKL', type=str, default=D.detector)
 @grid_option(D.grid_num, 'Images in each iteration\'s samples.png (0 = none)')

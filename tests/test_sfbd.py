@@ -155,6 +155,20 @@ def test_schedule_warns_when_the_warmup_outlasts_a_finetune():
                                                          finetune_lr_rampup_kimg=500)) == []
 
 
+def test_audit_of_every_evaluated_model(run_a, data, tmp_path):
+    pretrained = os.path.join(run_a['dir'], 'pretrain', 'network-snapshot-000001.pt')
+    run_cli(cli_args(data, tmp_path / 'audit', f'--pretrained={pretrained}', '--iters=1', '--eval-every=0',
+                     '--audit-num=24', f'--audit-heldout={data["all"]}'))
+    records = read_records(tmp_path / 'audit')
+    assert [r['k'] for r in records] == [0, 1]
+    for r in records:
+        assert r['audit_num'] == 24 and 0 <= r['audit_gu_rate'] <= 1 and 0 <= r['audit_share_below_heldout_p05'] <= 1
+        report = json.load(open(tmp_path / 'audit' / f'iter-{r["k"]:03d}' / 'audit' / 'audit.json'))
+        # The references are the clean set and the noisy set's originals; the "held-out" set here holds both, and says so.
+        assert {name: e['num_images'] for name, e in report['references'].items()} == {'clean': 32, 'originals': NUM_NOISY}
+        assert report['num_samples'] == 24 and report['num_heldout'] == 96 and report['warnings']
+
+
 class Interrupt(Exception):
     """Stands for a kill at that point: the run stops there, leaving its files as they are."""
 

@@ -133,6 +133,8 @@ class SFBDOptions:
     grid_num: int = 64                            # Images in each samples.png; 0: none.
     strip_num: int = 8                            # Images in each strip.png (noisy | denoised | original); 0: none.
     final_fid_repeats: int = 3                    # Seed sets of eval_num images for the last model's FID (EDM: min of 3).
+    audit_num: int = 0                            # Samples per evaluated model in the memorization audit; 0: no audit.
+    audit_heldout: str | None = None              # Held-out clean images (never trained on): the audit's baseline.
     seed: int = 0                                 # Seed of pretraining (k = 0), fine-tune k (seed + k) and denoising.
 
     def check(self) -> None:
@@ -149,6 +151,10 @@ class SFBDOptions:
         if (self.clean_mix > 0) != (self.finetune_data == 'mix'):
             raise UserError(f'--clean-mix={self.clean_mix:g} goes with --finetune-data=mix, and mix needs --clean-mix > 0 '
                             f'(got --finetune-data={self.finetune_data})')
+        if self.audit_num == 1 or self.audit_num < 0:
+            raise UserError(f'--audit-num must be 0 (no audit) or at least 2, got {self.audit_num}')
+        if self.audit_heldout is not None and self.audit_num == 0:
+            raise UserError('--audit-heldout is unused without --audit-num: give the number of samples to audit')
         if self.final_fid_repeats < 1:
             raise UserError(f'--final-fid-repeats must be at least 1, got {self.final_fid_repeats}')
         for name in ('pretrain_kimg', 'finetune_kimg', 'finetune_lr', 'finetune_lr_rampup_kimg', 'finetune_ema_halflife_kimg', 'sigma'):

@@ -13,7 +13,7 @@ import torch
 import dnnlib
 from dnnlib.util import UserError
 from torch_utils import distributed, perf, rng
-from training import checkpoint, generation, images, metrics, options, sampler, training_loop
+from training import audit, checkpoint, generation, images, metrics, options, sampler, training_loop
 from training.dataset import Dataset, assemble_array_dataset, json_default, open_dataset, remove_temp_dirs
 from training.images import to_model_space
 from training.options import SFBDOptions
@@ -32,7 +32,8 @@ from training.options import SFBDOptions
 
 OPTIONS_FILE = 'sfbd_options.json'
 RESUMABLE_CHANGES = ('iters',)  # may differ on a rerun: more iterations extend a finished run
-PLOTTED = {'fid': 'FID (lower is better)', 'denoise_mse': 'denoising MSE, [-1,1] units', 'denoise_psnr': 'denoising PSNR (dB)'}
+PLOTTED = {'fid': 'FID (lower is better)', 'denoise_mse': 'denoising MSE, [-1,1] units', 'denoise_psnr': 'denoising PSNR (dB)',
+           'audit_share_below_heldout_p05': 'samples nearer a training image\nthan 95% of held-out images (~5%: no copying)'}
 
 
 def iter_dir(run_dir: str, k: int) -> str:
@@ -113,8 +114,11 @@ def _open_inputs(o: SFBDOptions, device: torch.device) -> dnnlib.EasyDict:
     if o.eval_every > 0 and o.fid_ref is not None:
         detector = metrics.load_detector(o.detector, device, image_shape=noisy.image_shape)
         ref = metrics.load_ref(o.fid_ref, expected_dim=detector.feature_dim, detector=detector.name)
+    heldout = open_dataset(o.audit_heldout) if o.audit_heldout is not None else None
+    if heldout is not None and heldout.image_shape != noisy.image_shape:
+        raise UserError(f'--audit-heldout={o.audit_heldout} holds images of shape {heldout.image_shape}, the data sets {noisy.image_shape}')
     return dnnlib.EasyDict(clean=clean, noisy=noisy, originals=_originals(noisy), detector=detector, ref=ref,
-                           sigma_tau=noisy.sigma, device=device)
+                           heldout=heldout, sigma_tau=noisy.sigma, device=device)
 
 
 def _originals(noisy: Dataset) -> Dataset | None:
@@ -310,8 +314,24 @@ def _evaluate(k: int, network: str, o: SFBDOptions, run: dnnlib.EasyDict) -> dic
             record.update(fid_min=min(fids), fid_mean=float(np.mean(fids)), fid_repeats=len(fids))
         distributed.print0(f'FID of model {k}: {", ".join(f"{x:.4f}" for x in fids)} ({o.eval_num} images per seed set, '
                            f'detector {run.detector.name})' + (f'; min {min(fids):.4f} mean {np.mean(fids):.4f}' if len(fids) > 1 else ''))
+    if o.audit_num > 0:
+        record.update(_audit(net, d, o, run))
     distributed.barrier()
     return record
+
+
+def _audit(net: torch.nn.Module, d: str, o: SFBDOptions, run: dnnlib.EasyDict) -> dict:
+    """Memorization audit of model k (training.audit): audit_num samples against D_clean and the noisy set's
+    originals, with the held-out baseline if given; files in d/audit/, the summary in the record. Collective."""
+    references = {'clean': run.clean, **({'originals': run.originals} if run.originals is not None else {})}
+    result = audit.audit_network(net, range(o.audit_num), references, run.heldout, batch_size=o.eval_batch, device=run.device,
+                                 sampler_kwargs=dict(num_steps=o.eval_steps))
+    summary = None
+    if distributed.is_main():
+        audit.write_results(os.path.join(d, 'audit'), result)
+        summary = {f'audit_{key}': value for key, value in result.report['summary'].items()}
+        distributed.print0(audit.format_report(result.report))
+    return dict(distributed.broadcast_object(summary), audit_num=o.audit_num)
 
 
 def _fid(net: torch.nn.Module, seeds: range, o: SFBDOptions, run: dnnlib.EasyDict, desc: str) -> float:
@@ -366,6 +386,8 @@ def run_sfbd(run_dir: str, device: str | torch.device | None = None, **kwargs: A
     device = torch.device(device) if device is not None else distributed.device()
     o = SFBDOptions(**kwargs)
     o.clean, o.noisy = os.path.abspath(o.clean), os.path.abspath(o.noisy)
+    if o.audit_heldout is not None:
+        o.audit_heldout = os.path.abspath(o.audit_heldout)
     if o.pretrained is not None and not dnnlib.util.is_url(o.pretrained):
         o.pretrained = os.path.abspath(o.pretrained)
     o.check()
