@@ -72,13 +72,27 @@ class _BatchSpy(training_loop.BatchOrder):
 
 @pytest.fixture(scope='module')
 def run_a(data, tmp_path_factory) -> dict:
-    """An uninterrupted run: pretraining and 2 iterations, with the fine-tune batches recorded."""
+    """An uninterrupted run: pretraining and 2 iterations, with the fine-tune batches, every training_loop call
+    (its options and the snapshot it returned) and every denoising call (its network's weights and options) recorded."""
     outdir = tmp_path_factory.mktemp('run-a') / 'run'
     _BatchSpy.runs = []
+    trainings, denoisings = [], []
+    real_train, real_denoise = training_loop.training_loop, sfbd.denoise_dataset
+
+    def train_spy(run_dir, **kwargs):
+        snapshot = real_train(run_dir, **kwargs)
+        trainings.append(dict(kwargs, returned=snapshot))
+        return snapshot
+
+    def denoise_spy(net, noisy, dest, **kwargs):
+        denoisings.append(dict(kwargs, dest=dest, weights={k: v.clone() for k, v in net.state_dict().items()}))
+        return real_denoise(net, noisy, dest, **kwargs)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(training_loop, 'BatchOrder', _BatchSpy)
+        mp.setattr(training_loop, 'training_loop', train_spy)
+        mp.setattr(sfbd, 'denoise_dataset', denoise_spy)
         run_cli(cli_args(data, outdir))
-    return dict(dir=str(outdir), batches=list(_BatchSpy.runs))
+    return dict(dir=str(outdir), batches=list(_BatchSpy.runs), trainings=trainings, denoisings=denoisings)
 
 
 def read_records(run_dir) -> list[dict]:
@@ -117,6 +131,29 @@ def test_end_to_end_metrics_and_plots(run_a, data):
         assert len(e_k) == NUM_NOISY and e_k.dtype == np.uint8 and e_k.sigma is None
         assert e_k.metadata['sfbd_iteration'] == k and e_k.metadata['precision'] == 'fp32' and e_k.metadata['source_indices'] == noisy.metadata['source_indices']
         assert not os.path.exists(os.path.join(run_dir, f'iter-{k:03d}', 'denoised.parts'))
+
+
+def test_algorithm1_wiring(run_a, data):
+    """Algorithm 1 with the command line's numbers: pretrain on D_clean; then for k = 1, 2 denoise D_noisy from
+    sigma_tau = the noisy set's sigma with model k-1 and fine-tune model k-1 (not model 0) on it, seed k."""
+    pre, ft1, ft2 = run_a['trainings']
+    assert pre['dataset_kwargs']['path'] == data['clean'] and pre.get('transfer') is None
+    assert pre['seed'] == 0 and pre['total_kimg'] == 1 and pre['network_kwargs'] is not None
+    tiny = dnnlib.cli.load_preset('tiny')['train']
+    for k, (ft, previous) in enumerate([(ft1, pre), (ft2, ft1)], start=1):
+        assert ft['transfer'] == previous['returned'], f'fine-tune {k} must start from model {k - 1}'
+        assert ft['seed'] == k and ft['total_kimg'] == 0.128 and ft['network_kwargs'] is None and ft['ema_rampup_ratio'] is None
+        assert ft['optimizer_kwargs']['lr'] == tiny['lr'] and ft['lr_rampup_kimg'] == tiny['lr_rampup']
+        assert ft['ema_halflife_kimg'] == tiny['ema'] * 1000 and ft['batch_size'] == tiny['batch']
+        assert ft['dataset_kwargs']['path'][1] == os.path.join(run_a['dir'], f'iter-{k:03d}', 'denoised')
+    assert len(run_a['denoisings']) == 2
+    for k, (call, model) in enumerate(zip(run_a['denoisings'], [pre, ft1]), start=1):
+        assert call['sigma_tau'] == SIGMA and call['k'] == k and call['seed'] == 0
+        assert call['num_steps'] == 8 and call['solver'] == 'ode' and call['batch_size'] == 12
+        assert call['dest'] == os.path.join(run_a['dir'], f'iter-{k:03d}', 'denoised')
+        expected = checkpoint.load_network(model['returned']).state_dict()
+        assert expected.keys() == call['weights'].keys()
+        assert all(torch.equal(expected[name], call['weights'][name]) for name in expected), f'E_{k} must come from model {k - 1}'
 
 
 def test_finetunes_train_on_the_union_of_clean_and_denoised_by_default(run_a, data):
