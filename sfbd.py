@@ -4,7 +4,7 @@ import click
 
 from dnnlib.cli import AUTO_HELP, DETECTOR_HELP, INFERENCE_PRECISION_HELP, check_writable_dir, config_option, grid_option, train_options
 from torch_utils import distributed, perf
-from training import options, sfbd
+from training import options, plan, sfbd
 from training.options import FINETUNE_DATA, SFBDOptions, TrainOptions
 
 D = SFBDOptions(clean='', noisy='', train_kwargs={})  # the defaults
@@ -53,6 +53,7 @@ D = SFBDOptions(clean='', noisy='', train_kwargs={})  # the defaults
 @click.option('--detector',      help=DETECTOR_HELP, metavar='NAME|PKL', type=str, default=D.detector)
 @grid_option(D.grid_num, 'Images in each iteration\'s samples.png (0 = none)')
 @click.option('--strip', 'strip_num',        help='Images in each iteration\'s strip.png, noisy | denoised | original (0 = none)', metavar='INT', type=click.IntRange(min=0), default=D.strip_num)
+@click.option('-n', '--dry-run', help='Print the plan (phases, images, network evaluations, estimated wall time on this machine from a few timed steps of the real network) and exit; writes nothing', is_flag=True)
 @click.option('--seed',          help='Seed of pretraining, fine-tuning (seed + k) and denoising (image i of E_k: seed, k, i)', metavar='INT', type=click.IntRange(min=0), default=D.seed)
 
 def main(**kwargs) -> None:
@@ -83,11 +84,17 @@ def main(**kwargs) -> None:
     python sfbd.py --config=tiny --outdir=sfbd-runs/tiny --clean=CLEAN --noisy=NOISY --fid-ref=REF --detector=pixels
     """
     t = TrainOptions.take(kwargs)
-    run_dir = kwargs.pop('run_dir')
+    run_dir, dry_run = kwargs.pop('run_dir'), kwargs.pop('dry_run')
     kwargs.pop('config')
     distributed.init()
     check_writable_dir(run_dir, '--outdir')
-    sfbd.run_sfbd(run_dir, **vars(options.sfbd_options(t, distributed.device(), **kwargs)))
+    o = options.sfbd_options(t, distributed.device(), **kwargs)
+    if dry_run:
+        o.check()
+        distributed.print0(plan.format_plan(plan.plan_sfbd(o)))
+        distributed.print0('Dry run; nothing written.')
+        return
+    sfbd.run_sfbd(run_dir, **vars(o))
     distributed.cleanup()
 
 #----------------------------------------------------------------------------
