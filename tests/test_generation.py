@@ -190,3 +190,69 @@ def test_generate_cli(tmp_path):
     assert result.exit_code == 1 and result.output.strip().splitlines()[-1].startswith('Error:'), result.output
     text = ' '.join(CliRunner().invoke(generate.main, ['--help']).output.split())
     assert 'only load files you trust' in text and 'fp32 = exact reference, images and FIDs comparable' in text
+
+#----------------------------------------------------------------------------
+# The uint8 mapping and the order of the per-seed draws, against values computed by hand from EDM's code.
+
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
+def test_to_uint8_truncates_like_edm(dtype):
+    # EDM: (x * 127.5 + 128).clip(0, 255).to(uint8). Left: x; right: x * 127.5 + 128 and the uint8 it truncates to.
+    table = [
+        (-1, 0),             # 0.5
+        (0, 128),            # 128
+        (1, 255),            # 255.5
+        (-117.5 / 127.5, 10),  # 10.5: truncated, not rounded up
+        (-116.5 / 127.5, 11),  # 11.5: not 12 (round half to even) either
+        (0.5, 191),          # 191.75
+        (-0.5, 64),          # 64.25
+        (-1.0039, 0),        # 0.00275
+        (1.0039, 255),       # 255.997
+        (-1.02, 0),          # -2.05: clipped (a bare cast would wrap to 254)
+        (1.02, 255),         # 258.05: clipped (a bare cast would wrap to 2)
+        (-7, 0),
+        (7, 255),
+    ]
+    x = torch.tensor([v for v, _ in table], dtype=dtype)
+    out = generation.to_uint8(x)
+    assert out.dtype == torch.uint8
+    assert out.tolist() == [u for _, u in table]
+
+
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
+def test_uint8_round_trip_through_model_space_is_the_identity(dtype):
+    from training.dataset import to_model_space
+    u = torch.arange(256, dtype=torch.uint8)
+    # u / 127.5 - 1 maps to u + 0.5 (up to rounding), which truncates back to u.
+    assert torch.equal(generation.to_uint8(u.to(dtype) / 127.5 - 1), u)
+    assert torch.equal(generation.to_uint8(to_model_space(u).to(dtype)), u)
+
+
+def test_generated_uint8_is_edm_rounding_of_the_sampler_output():
+    net = ToyDenoiser(img_channels=1)
+    net.forward = lambda x, sigma, labels=None: x  # D(x) = x: the image is latent * sigma_max, spread over many levels
+    seeds = [0, 1, 2]
+    x = np.stack([torch.randn([1, 8, 8], generator=torch.Generator().manual_seed(s)).numpy() for s in seeds]).astype(np.float64) * 0.9
+    expected = np.floor(np.clip(x * 127.5 + 128, 0, 255)).astype(np.uint8)
+    got = generate_all(net, seeds, batch_size=2, sampler_kwargs=dict(num_steps=3, sigma_max=0.9))
+    assert len(np.unique(expected)) > 50 and (expected == 0).any() and (expected == 255).any()  # clipping exercised too
+    for i, s in enumerate(seeds):
+        assert np.array_equal(got[s].numpy(), expected[i]), s
+
+
+def test_per_seed_draws_are_latents_then_labels_then_churn():
+    # With D(x) = x every ODE step stands still, so the image is the latent at sigma_max plus the churn noise:
+    # S_churn >= N (sqrt(2) - 1) caps gamma at sqrt(2) - 1, so t_hat = sqrt(2) t_i and the noise std is t_i exactly.
+    net = ToyDenoiser(img_channels=2, label_dim=3)
+    seen_labels = []
+    net.forward = lambda x, sigma, labels=None: (seen_labels.append(labels), x)[1]
+    seeds, S_noise = [7, 8, 9, 10], 0.9
+    t = [(2 ** (1 / 7) + i / 2 * (0.002 ** (1 / 7) - 2 ** (1 / 7))) ** 7 for i in range(3)]  # EDM's schedule, N = 3, sigma_max 2
+    images = generation.sample_images(net, seeds, num_steps=3, sigma_max=2, S_churn=10, S_noise=S_noise)
+    for i, s in enumerate(seeds):
+        g = torch.Generator().manual_seed(s)
+        latent = torch.randn([2, 8, 8], generator=g)
+        label = torch.randint(3, size=[], generator=g)
+        churn = [torch.randn([2, 8, 8], generator=g, dtype=torch.float64) for _ in t]  # one draw per step, float64 like x
+        expected = latent.to(torch.float64) * t[0] + sum(S_noise * ti * eps for ti, eps in zip(t, churn))
+        torch.testing.assert_close(images[i], expected, rtol=1e-12, atol=1e-12)
+        assert torch.equal(seen_labels[0][i], torch.eye(3)[label])
