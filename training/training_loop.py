@@ -466,6 +466,7 @@ def _train(run_dir: str, o: dict, log_scope: contextlib.ExitStack, resume_path: 
         training_stats.report0('Progress/tick', cur_tick)
         training_stats.report0('Progress/kimg', cur_nimg / 1e3)
         training_stats.report0('Progress/lr', lr)
+        training_stats.report0('Progress/ema_beta', ema_beta)
         training_stats.report0('Timing/total_sec', tick_end_time - start_time)
         training_stats.report0('Timing/sec_per_tick', tick_end_time - tick_start_time)
         training_stats.report0('Timing/sec_per_kimg', sec_per_kimg)
