@@ -438,3 +438,75 @@ def test_snapshot_and_state_hold_ema_net_optimizer_and_counters(tmp_path, data):
     assert raw['state_dict'].keys() == state['ema'].keys()
     assert all(torch.equal(raw['state_dict'][k], state['ema'][k]) for k in state['ema'])
     assert sum(not torch.equal(state['net'][k], state['ema'][k]) for k in state['net']) > len(state['net']) // 2
+
+#----------------------------------------------------------------------------
+# Augmentation (both paper presets train with it) and dropout, watched through spies.
+
+PAPER_AUGMENT = dict(class_name='training.augment.AugmentPipe', p=0.12, xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1,
+                     translate_frac=1)  # train.py's --augment=0.12 (CIFAR-10)
+
+
+def test_augment_labels_reach_the_network_in_training_and_are_none_at_sampling(tmp_path, data, monkeypatch):
+    from training import augment, generation, networks, sampler
+    pipe_out, model_labels = [], []
+    real_pipe, real_model = augment.AugmentPipe.__call__, networks.SongUNet.forward
+
+    def pipe_spy(self, images, rnd=None):
+        pipe_out.append(real_pipe(self, images, rnd=rnd))
+        return pipe_out[-1]
+
+    def model_spy(self, x, noise_labels, class_labels, augment_labels=None):
+        model_labels.append(augment_labels)
+        return real_model(self, x, noise_labels, class_labels, augment_labels=augment_labels)
+    monkeypatch.setattr(augment.AugmentPipe, '__call__', pipe_spy)
+    monkeypatch.setattr(networks.SongUNet, 'forward', model_spy)
+    opts = tiny_options(data, total_kimg=0.032, augment_kwargs=PAPER_AUGMENT)
+    opts['network_kwargs'] = dict(opts['network_kwargs'], augment_dim=9)
+    final = tl.training_loop(str(tmp_path / 'run'), **opts)
+    assert len(pipe_out) == len(model_labels) == 4  # one pipe call and one network call per step
+    for (_, labels), seen in zip(pipe_out, model_labels):
+        assert seen.shape == (8, 9) and torch.equal(seen, labels)
+    flips = torch.cat([labels[:, 0] for _, labels in pipe_out])
+    assert set(flips.tolist()) == {0, 1}  # x-flips at 50%: both among 32 images
+    assert checkpoint.load_snapshot_info(final).augment_kwargs == PAPER_AUGMENT
+
+    # Sampling and SFBD's backward denoising give the network no augmentation labels, which equals all-zero labels.
+    net = checkpoint.load_network(final)
+    model_labels.clear()
+    generation.sample_images(net, [0, 1], num_steps=3)
+    sampler.backward_sample(sampler.net_denoiser(net), torch.zeros(2, 3, 8, 8, dtype=torch.float64), 0.5, 8)
+    assert len(model_labels) > 0 and all(labels is None for labels in model_labels)
+    x, sigma = torch.randn(2, 3, 8, 8), torch.tensor([0.5, 2.0])
+    plain = net(x, sigma)
+    assert torch.equal(net(x, sigma, augment_labels=torch.zeros(2, 9)), plain)
+    assert not torch.allclose(net(x, sigma, augment_labels=torch.ones(2, 9)), plain)  # the labels do condition it
+
+
+def test_dropout_masks_in_training_only_and_reproducible(tmp_path, data, monkeypatch):
+    real = torch.nn.functional.dropout
+    calls = []
+
+    def spy(input, p=0.5, training=True, inplace=False):
+        out = real(input, p, training, inplace)
+        calls.append((p, training, (out == 0) & (input != 0)))
+        return out
+    monkeypatch.setattr(torch.nn.functional, 'dropout', spy)
+    opts = tiny_options(data, total_kimg=0.016)
+    opts['network_kwargs'] = dict(opts['network_kwargs'], dropout=0.25)
+    runs = {}
+    for name, seed in [('a', 1), ('b', 1), ('c', 2)]:
+        calls.clear()
+        final = tl.training_loop(str(tmp_path / name), **dict(opts, seed=seed))
+        runs[name] = [mask for _, _, mask in calls]
+        assert calls and all(p == 0.25 and training for p, training, _ in calls)
+    per_step = len(runs['a']) // 2  # 2 steps, one network call each
+    masks = torch.cat([m.flatten() for m in runs['a']]).double()
+    assert masks.mean().item() == pytest.approx(0.25, abs=0.02)
+    assert not torch.equal(runs['a'][0], runs['a'][per_step])  # each step draws new masks
+    assert all(torch.equal(x, y) for x, y in zip(runs['a'], runs['b']))  # the same seed, the same masks
+    assert not torch.equal(runs['a'][0], runs['c'][0])
+    # The snapshot samples without dropout.
+    calls.clear()
+    from training import generation
+    generation.sample_images(checkpoint.load_network(final), [0], num_steps=2)
+    assert calls and not any(training for _, training, _ in calls)
