@@ -146,3 +146,28 @@ def test_loss_target_and_network_input_are_the_augmented_image():
     torch.testing.assert_close(out, (sigma ** 2 + 0.25) / (sigma * 0.5) ** 2 * y ** 2)  # D = 0: weight * y^2
     z = (x - y) / sigma  # the noise is added to y (not to the images), with std sigma
     assert z.abs().max() < 6 and z.std().item() == pytest.approx(1, abs=0.15)
+
+
+class HalfRecordingNet(ZeroNet):
+    """D(x; sigma) = x / 2, recording its inputs."""
+
+    def forward(self, x, sigma, class_labels=None, augment_labels=None):
+        super().forward(x, sigma, class_labels, augment_labels)
+        return 0.5 * x
+
+
+@pytest.mark.parametrize('loss_fn, weight', [
+    (loss.EDMLoss(), lambda s: (s ** 2 + 0.25) / (s * 0.5) ** 2),
+    (loss.VPLoss(), lambda s: 1 / s ** 2),
+    (loss.VELoss(), lambda s: 1 / s ** 2),
+])
+@pytest.mark.parametrize('batch_random', [True, False])
+def test_every_loss_is_weight_times_squared_error_of_the_augmented_image(loss_fn, weight, batch_random):
+    images, labels = torch.rand(5, 2, 4, 4), torch.eye(5)
+    net = HalfRecordingNet()
+    out = loss_fn(net, images, labels, augment_pipe=ShiftFlipPipe(), rnd=BatchRandom(9, 5, 0, 5) if batch_random else None)
+    x, sigma, got_labels, augment_labels = net.calls[-1]
+    assert got_labels is labels and sigma.shape == (5, 1, 1, 1) and out.shape == images.shape
+    torch.testing.assert_close(augment_labels, torch.full([5, 9], 0.5))
+    y = images.flip(3) + 10
+    torch.testing.assert_close(out, weight(sigma) * (0.5 * x - y) ** 2)  # D(y + n) - y with D = x / 2
