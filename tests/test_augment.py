@@ -1,5 +1,7 @@
 """Tests for training/augment.py: identity at p=0, exact flips, labels, geometry, per-sample randomness."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -81,3 +83,40 @@ def test_init_kwargs_recorded():
     assert pipe.init_kwargs == dict(p=0.12, **EDM_AUGMENT)
 
 #----------------------------------------------------------------------------
+# Frequencies of the non-leaky labels against the probabilities: the paper's preset (p = 0.12 for CIFAR-10,
+# EDM's multipliers), and distinct multipliers so that no two transforms can be confused.
+
+@pytest.mark.parametrize('p, kwargs', [
+    (0.12, EDM_AUGMENT),
+    (0.1, dict(xflip=1e8, yflip=1, scale=2, rotate_frac=3, aniso=4, translate_frac=5, aniso_rotate_prob=0.25)),
+])
+def test_each_transform_fires_with_its_probability_and_only_labelled_images_change(p, kwargs):
+    n = 4000
+    torch.manual_seed(3)
+    images = torch.randn(n, 1, 8, 8)
+    out, labels = AugmentPipe(p=p, **kwargs)(images)
+    on = labels != 0
+    # Columns: xflip, yflip, scale, rotate (cos - 1, sin), aniso (w cos r, w sin r), translate (x, y). Transform T
+    # is enabled with probability min(p * multiplier, 1); the flips then toss a fair coin (so xflip, multiplier
+    # 1e8, mirrors half of all images), and aniso's sin column also needs its rotation (aniso_rotate_prob).
+    q = {k: min(p * v, 1) for k, v in kwargs.items() if k != 'aniso_rotate_prob'}
+    r = kwargs.get('aniso_rotate_prob', 0.5)
+    expected = torch.tensor([q['xflip'] / 2, q['yflip'] / 2, q['scale'], q['rotate_frac'], q['rotate_frac'],
+                             q['aniso'], q['aniso'] * r, q['translate_frac'], q['translate_frac']], dtype=torch.float64)
+    tolerance = 5 * (expected * (1 - expected) / n).sqrt()
+    freq = on.double().mean(0)
+    assert ((freq - expected).abs() < tolerance).all(), (freq, expected)
+    # Each gate draws on its own: scale and rotation together with probability q_scale q_rotate.
+    both = (on[:, 2] & on[:, 3]).double().mean().item()
+    pq = q['scale'] * q['rotate_frac']
+    assert both == pytest.approx(pq, abs=5 * math.sqrt(pq * (1 - pq) / n))
+    # The labels say exactly what happened: no label -> the image itself; the flip label alone -> its mirror.
+    plain = ~on.any(1)
+    flip_only = on[:, 0] & ~on[:, 1:].any(1)
+    assert plain.sum() > 100 and flip_only.sum() > 100
+    torch.testing.assert_close(out[plain], images[plain], rtol=0, atol=1e-4)
+    torch.testing.assert_close(out[flip_only], images[flip_only].flip(3), rtol=0, atol=1e-4)
+    geometric = on[:, 2:].any(1)
+    changed = (out[geometric] - images[geometric].flip(3)).abs().amax((1, 2, 3)) > 1e-3
+    changed &= (out[geometric] - images[geometric]).abs().amax((1, 2, 3)) > 1e-3
+    assert changed.double().mean() > 0.95  # all but the few with a near-zero draw

@@ -191,3 +191,36 @@ def test_generate_cli(tmp_path):
     assert result.exit_code == 1 and result.output.strip().splitlines()[-1].startswith('Error:'), result.output
     text = ' '.join(CliRunner().invoke(generate.main, ['--help']).output.split())
     assert 'only load files you trust' in text and 'fp32 = exact reference, images and FIDs comparable' in text
+
+#----------------------------------------------------------------------------
+# Generated uint8 images and the order of the per-seed draws, against values computed by hand from EDM's code.
+
+def test_generated_uint8_is_edm_rounding_of_the_sampler_output():
+    net = ToyDenoiser(img_channels=1)
+    net.forward = lambda x, sigma, labels=None: x  # D(x) = x: the image is latent * sigma_max, spread over many levels
+    seeds = [0, 1, 2]
+    x = np.stack([torch.randn([1, 8, 8], generator=torch.Generator().manual_seed(s)).numpy() for s in seeds]).astype(np.float64) * 0.9
+    expected = np.floor(np.clip(x * 127.5 + 128, 0, 255)).astype(np.uint8)
+    got = generate_all(net, seeds, batch_size=2, sampler_kwargs=dict(num_steps=3, sigma_max=0.9))
+    assert len(np.unique(expected)) > 50 and (expected == 0).any() and (expected == 255).any()  # clipping exercised too
+    for i, s in enumerate(seeds):
+        assert np.array_equal(got[s].numpy(), expected[i]), s
+
+
+def test_per_seed_draws_are_latents_then_labels_then_churn():
+    # With D(x) = x every ODE step stands still, so the image is the latent at sigma_max plus the churn noise:
+    # S_churn >= N (sqrt(2) - 1) caps gamma at sqrt(2) - 1, so t_hat = sqrt(2) t_i and the noise std is t_i exactly.
+    net = ToyDenoiser(img_channels=2, label_dim=3)
+    seen_labels = []
+    net.forward = lambda x, sigma, labels=None: (seen_labels.append(labels), x)[1]
+    seeds, S_noise = [7, 8, 9, 10], 0.9
+    t = [(2 ** (1 / 7) + i / 2 * (0.002 ** (1 / 7) - 2 ** (1 / 7))) ** 7 for i in range(3)]  # EDM's schedule, N = 3, sigma_max 2
+    images = generation.sample_images(net, seeds, num_steps=3, sigma_max=2, S_churn=10, S_noise=S_noise)
+    for i, s in enumerate(seeds):
+        g = torch.Generator().manual_seed(s)
+        latent = torch.randn([2, 8, 8], generator=g)
+        label = torch.randint(3, size=[], generator=g)
+        churn = [torch.randn([2, 8, 8], generator=g, dtype=torch.float64) for _ in t]  # one draw per step, float64 like x
+        expected = latent.to(torch.float64) * t[0] + sum(S_noise * ti * eps for ti, eps in zip(t, churn))
+        torch.testing.assert_close(images[i], expected, rtol=1e-12, atol=1e-12)
+        assert torch.equal(seen_labels[0][i], torch.eye(3)[label])

@@ -408,3 +408,44 @@ def test_check_inception_cli(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert lines[0] == '40 images: largest feature difference 0.01 (largest feature 1.01)'
     assert lines[1].startswith(f'FID first vs second half: inception {res["fids"][0]:.6g}, inception-pkl {res["fids"][1]:.6g}')
+
+
+#----------------------------------------------------------------------------
+# EDM's FID protocol: seed set r is [seed + r*num, seed + (r+1)*num), seen through a spy on the generator.
+
+def _spy_generated_seeds(monkeypatch) -> list:
+    from training import generation
+    seen, real = [], generation.generate_images
+
+    def spy(net, seeds, *args, **kwargs):
+        seen.append([int(s) for s in seeds])
+        return real(net, seeds, *args, **kwargs)
+    monkeypatch.setattr(generation, 'generate_images', spy)
+    return seen
+
+
+def test_network_fid_seed_sets_are_consecutive_disjoint_ranges(tmp_path, monkeypatch):
+    from tests.test_generation import ToyDenoiser
+    net = ToyDenoiser(img_resolution=1)  # 3 pixels: full-rank covariances from 6 images
+    write_pngs(tmp_path / 'a', random_images(8, 0, shape=(3, 1, 1)))
+    ref = str(tmp_path / 'ref.npz')
+    metrics.make_ref(str(tmp_path / 'a'), ref, detector='pixels')
+    seen = _spy_generated_seeds(monkeypatch)
+    metrics.calc_network_fids(net, ref, num=6, repeats=3, seed=5, detector='pixels', batch_size=4, sampler_kwargs=dict(num_steps=2))
+    assert seen == [[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16], [17, 18, 19, 20, 21, 22]]
+
+
+def test_fid_gen_cli_seed_sets(tmp_path, monkeypatch):
+    from tests.test_generation import tiny_snapshot
+    net = tiny_snapshot(str(tmp_path / 'net.pt'))
+    write_pngs(tmp_path / 'a', random_images(10, 1, shape=(3, 8, 8)))
+    det = tmp_path / 'moments.pkl'  # 6 features: full-rank covariances from 8 images
+    det.write_bytes(pickle.dumps(ChannelMomentsDetector()))
+    ref = str(tmp_path / 'ref.npz')
+    metrics.make_ref(str(tmp_path / 'a'), ref, detector=str(det))
+    seen = _spy_generated_seeds(monkeypatch)
+    result, lines = invoke(['gen', f'--network={net}', f'--ref={ref}', f'--detector={det}', '--num=8', '--repeats=2',
+                            '--seed=100', '--steps=2'])
+    assert result.exit_code == 0, result.output
+    assert seen == [list(range(100, 108)), list(range(108, 116))]
+    assert [line.split(':')[0] for line in lines if line.startswith('seeds ')] == ['seeds 100-107', 'seeds 108-115']

@@ -156,3 +156,69 @@ def test_churn_uses_edm_gamma():
     gamma = min(0.5 / 2, math.sqrt(2) - 1)
     assert seen == pytest.approx([10 * (1 + gamma), 1.0, 1.0])  # t=1 lies outside [S_min, S_max]
     assert np.isclose(gamma, 0.25)
+
+#----------------------------------------------------------------------------
+# Noise sizes against EDM's and the SDE's closed forms, with the noise drawn through a spy.
+
+class RecordingDenoiser:
+    """Records every (x, sigma) it is called with; returns 0 (zero) or x (identity)."""
+
+    def __init__(self, identity: bool):
+        self.identity, self.calls = identity, []
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        self.calls.append((x.clone(), sigma.item()))
+        return x.clone() if self.identity else torch.zeros_like(x)
+
+
+class KnownNoise:
+    """randn_like returning eps_k = (k + 1) * pattern on its k-th call."""
+
+    def __init__(self, pattern: torch.Tensor):
+        self.pattern, self.count = pattern, 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.count += 1
+        return self.count * self.pattern.to(x.dtype)
+
+
+@pytest.mark.parametrize('S_churn, gamma', [(0.9, 0.3), (40, math.sqrt(2) - 1)])  # S_churn / N with N = 3, or the cap
+def test_churn_adds_noise_of_std_sqrt_t_hat_squared_minus_t_squared(S_churn, gamma):
+    # t = 10 and t = 0.5 lie outside [S_min, S_max] = [0.8, 5]; only t = 1 is churned, to t_hat = 1 + gamma.
+    sigmas = torch.tensor([10.0, 1.0, 0.5, 0.0], dtype=torch.float64)
+    x0 = torch.linspace(-1, 1, 16, dtype=torch.float64).reshape(1, 1, 4, 4)
+    pattern = torch.linspace(0.5, 2, 16, dtype=torch.float64).reshape(1, 1, 4, 4)
+    noise, d = KnownNoise(pattern), RecordingDenoiser(identity=False)
+    sampler.heun_sampler(d, x0, sigmas, S_churn=S_churn, S_min=0.8, S_max=5, S_noise=1.007, randn_like=noise)
+    assert noise.count == 3  # drawn at every step, churned or not (EDM)
+    # With D = 0 a step from t_hat to t' scales x by t' / t_hat. Calls: (x0, 10), (x1, 1) | (x_hat, t_hat), (x2, 0.5) | (x2, 0.5).
+    x1 = x0 * 1 / 10
+    t_hat = 1 + gamma
+    x_hat = x1 + math.sqrt(t_hat ** 2 - 1) * 1.007 * (2 * pattern)
+    expected = [(x0, 10), (x1, 1), (x_hat, t_hat), (x_hat * 0.5 / t_hat, 0.5), (x_hat * 0.5 / t_hat, 0.5)]
+    assert [s for _, s in d.calls] == pytest.approx([s for _, s in expected], rel=1e-14)
+    for (x, _), (want, _) in zip(d.calls, expected):
+        torch.testing.assert_close(x, want, rtol=1e-12, atol=1e-14)
+
+
+def test_reverse_sde_increments_have_variance_t_squared_minus_t_next_squared():
+    # D(x) = x makes the drift 2 (x - D) / sigma vanish: each step adds its increment xi and nothing else.
+    # EDM's schedule for N = 5 is 80, 17.53, 2.515, 0.1698, 0.002; truncated at sigma_tau = 3: 3, 2.515, 0.1698, 0.002, 0.
+    t = [(80 ** (1 / 7) + i / 4 * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7 for i in range(5)]
+    steps = [3.0] + t[2:] + [0.0]
+    y = torch.linspace(-1, 1, 16, dtype=torch.float64).reshape(1, 1, 4, 4)
+    pattern = torch.linspace(0.5, 2, 16, dtype=torch.float64).reshape(1, 1, 4, 4)
+    noise, d = KnownNoise(pattern), RecordingDenoiser(identity=True)
+    x = sampler.backward_sample(d, y, 3.0, num_steps=5, solver='sde', randn_like=noise)
+    assert noise.count == 3  # one increment per step, shared by predictor and corrector; none into sigma = 0
+    assert [s for _, s in d.calls] == pytest.approx([3.0, t[2], t[2], t[3], t[3], t[4], t[4]], rel=1e-14)
+    increments = [math.sqrt(a ** 2 - b ** 2) * (k + 1) * pattern for k, (a, b) in enumerate(zip(steps[:-2], steps[1:-1]))]
+    torch.testing.assert_close(x, y + sum(increments), rtol=1e-12, atol=1e-14)
+    # With real Gaussian noise every increment x_pred - x_cur has variance t^2 - t'^2.
+    torch.manual_seed(3)
+    d = RecordingDenoiser(identity=True)
+    sampler.backward_sample(d, torch.zeros(2000, 1, 4, 4, dtype=torch.float64), 3.0, num_steps=5, solver='sde')
+    for k, (a, b) in enumerate(zip(steps[:-2], steps[1:-1])):
+        xi = d.calls[2 * k + 1][0] - d.calls[2 * k][0]
+        assert xi.var().item() == pytest.approx(a ** 2 - b ** 2, rel=0.05), k  # 32000 draws: 5% is 6 standard errors
+        assert xi.mean().item() == pytest.approx(0, abs=0.04 * math.sqrt(a ** 2 - b ** 2))

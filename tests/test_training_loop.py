@@ -368,3 +368,146 @@ def test_keep_last_prunes_by_number_not_by_name(tmp_path):
     tl._prune(str(tmp_path), tl._SNAPSHOT_RE, keep=2)
     assert sorted(os.listdir(tmp_path)) == ['network-snapshot-1000000.pt', 'network-snapshot-999999.pt', 'training-state-000001.pt']
     assert tl.find_latest_state(str(tmp_path)).endswith('training-state-000001.pt')
+
+#----------------------------------------------------------------------------
+# Schedules and outputs against EDM's formulas (SPEC section 3), evaluated here by hand, and against the
+# weights the optimizer itself produced, captured by a spy.
+
+class SpyAdam(torch.optim.Adam):
+    """Adam that records the weights it starts from and, at every step, the lr used and the weights after it."""
+    init: list = []
+    steps: list = []
+
+    def __init__(self, params, **kwargs):
+        super().__init__(params, **kwargs)
+        SpyAdam.init = [p.detach().clone() for g in self.param_groups for p in g['params']]
+        SpyAdam.steps = []
+
+    def step(self, closure=None):
+        out = super().step(closure)
+        SpyAdam.steps.append((self.param_groups[0]['lr'], [p.detach().clone() for g in self.param_groups for p in g['params']]))
+        return out
+
+
+def test_lr_warmup_ema_beta_and_kimg_follow_edm_formulas(tmp_path, data):
+    # 8 steps of batch 8 (2 accumulation rounds of 4), a tick per step. The lr ramps over 32 images (4 steps);
+    # the EMA half-life of 20 images is capped at 0.5 x the images seen before the step.
+    opts = tiny_options(data, total_kimg=0.064, kimg_per_tick=0.008, snapshot_ticks=None, state_dump_ticks=None,
+                        lr_rampup_kimg=0.032, ema_halflife_kimg=0.02, ema_rampup_ratio=0.5, batch_gpu=4)
+    opts['optimizer_kwargs'] = dict(opts['optimizer_kwargs'], class_name='tests.test_training_loop.SpyAdam')
+    final = tl.training_loop(str(tmp_path / 'run'), **opts)
+    # Step s sees cur_nimg = 8 s: lr = 2e-3 * min(8 s / 32, 1); half-life min(20, 0.5 * 8 s); beta = 0.5 ** (8 / half-life).
+    lr = [0, 0.5e-3, 1e-3, 1.5e-3, 2e-3, 2e-3, 2e-3, 2e-3]
+    halflife = [0, 4, 8, 12, 16, 20, 20, 20]
+    beta = [0.0] + [0.5 ** (8 / h) for h in halflife[1:]]  # half-life 0: beta = 0.5 ** (8 / 1e-8) = 0
+    assert [step_lr for step_lr, _ in SpyAdam.steps] == pytest.approx(lr, rel=1e-12, abs=0)
+    stats = [json.loads(line) for line in open(tmp_path / 'run' / 'stats.jsonl')]  # float32 values
+    assert [s['Progress/tick']['mean'] for s in stats] == list(range(8))
+    assert [s['Progress/kimg']['mean'] for s in stats] == pytest.approx([0.008 * (s + 1) for s in range(8)], rel=1e-6)
+    assert [s['Progress/lr']['mean'] for s in stats] == pytest.approx(lr, rel=1e-6, abs=0)
+    assert [s['Progress/ema_beta']['mean'] for s in stats] == pytest.approx(beta, rel=1e-6, abs=0)
+    # The EMA by hand from the weights after each step: ema <- beta ema + (1 - beta) net.
+    ema = SpyAdam.init
+    for b, (_, weights) in zip(beta, SpyAdam.steps):
+        ema = [b * e + (1 - b) * w for e, w in zip(ema, weights)]
+    state = _state(tmp_path / 'run')
+    names = [name for name, _ in checkpoint.build_network(state['class_name'], state['init_kwargs']).named_parameters()]
+    snapshot = checkpoint.load_network(final).state_dict()
+    for name, e, w in zip(names, ema, SpyAdam.steps[-1][1]):
+        torch.testing.assert_close(snapshot[name], e, rtol=1e-5, atol=1e-7, msg=name)
+        torch.testing.assert_close(state['ema'][name], e, rtol=1e-5, atol=1e-7, msg=name)
+        assert torch.equal(state['net'][name], w), name
+    moved = [name for name, e, w in zip(names, ema, SpyAdam.steps[-1][1]) if (e - w).abs().max() > 1e-5]
+    assert len(moved) > len(names) // 2  # the EMA is not the net: the check above tells them apart
+
+
+def test_snapshot_and_state_hold_ema_net_optimizer_and_counters(tmp_path, data):
+    opts = tiny_options(data)  # 8 steps of 8 images; ticks of 16 images after the first step, which is a tick alone
+    final = tl.training_loop(str(tmp_path / 'run'), **opts)
+    stats = [json.loads(line) for line in open(tmp_path / 'run' / 'stats.jsonl')]
+    assert [s['Progress/kimg']['mean'] for s in stats] == pytest.approx([0.008, 0.024, 0.040, 0.056, 0.064], rel=1e-6)
+    state = _state(tmp_path / 'run')
+    assert state['format'] == 'sfbd-training-state' and state['cur_nimg'] == 64 and state['cur_tick'] == 5
+    assert state['options']['seed'] == 1 and state['options']['batch_size'] == 8
+    adam = state['optimizer']
+    assert adam['param_groups'][0]['lr'] == 2e-3 and list(adam['param_groups'][0]['betas']) == [0.9, 0.999]
+    assert len(adam['state']) == len(list(checkpoint.build_network(state['class_name'], state['init_kwargs']).parameters()))
+    assert all(float(s['step']) == 8 for s in adam['state'].values())  # one Adam step per batch
+    raw = torch.load(final, weights_only=True)
+    assert raw['format'] == 'sfbd-network' and raw['kimg'] == pytest.approx(0.064)
+    assert raw['dataset_kwargs'] == dict(path=data) and raw['augment_kwargs'] is None
+    assert raw['state_dict'].keys() == state['ema'].keys()
+    assert all(torch.equal(raw['state_dict'][k], state['ema'][k]) for k in state['ema'])
+    assert sum(not torch.equal(state['net'][k], state['ema'][k]) for k in state['net']) > len(state['net']) // 2
+
+#----------------------------------------------------------------------------
+# Augmentation (both paper presets train with it) and dropout, watched through spies.
+
+PAPER_AUGMENT = dict(class_name='training.augment.AugmentPipe', p=0.12, xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1,
+                     translate_frac=1)  # train.py's --augment=0.12 (CIFAR-10)
+
+
+def test_augment_labels_reach_the_network_in_training_and_are_none_at_sampling(tmp_path, data, monkeypatch):
+    from training import augment, generation, networks, sampler
+    pipe_out, model_labels = [], []
+    real_pipe, real_model = augment.AugmentPipe.__call__, networks.SongUNet.forward
+
+    def pipe_spy(self, images, rnd=None):
+        pipe_out.append(real_pipe(self, images, rnd=rnd))
+        return pipe_out[-1]
+
+    def model_spy(self, x, noise_labels, class_labels, augment_labels=None):
+        model_labels.append(augment_labels)
+        return real_model(self, x, noise_labels, class_labels, augment_labels=augment_labels)
+    monkeypatch.setattr(augment.AugmentPipe, '__call__', pipe_spy)
+    monkeypatch.setattr(networks.SongUNet, 'forward', model_spy)
+    opts = tiny_options(data, total_kimg=0.032, augment_kwargs=PAPER_AUGMENT)
+    opts['network_kwargs'] = dict(opts['network_kwargs'], augment_dim=9)
+    final = tl.training_loop(str(tmp_path / 'run'), **opts)
+    assert len(pipe_out) == len(model_labels) == 4  # one pipe call and one network call per step
+    for (_, labels), seen in zip(pipe_out, model_labels):
+        assert seen.shape == (8, 9) and torch.equal(seen, labels)
+    flips = torch.cat([labels[:, 0] for _, labels in pipe_out])
+    assert set(flips.tolist()) == {0, 1}  # x-flips at 50%: both among 32 images
+    assert checkpoint.load_snapshot_info(final).augment_kwargs == PAPER_AUGMENT
+
+    # Sampling and SFBD's backward denoising give the network no augmentation labels, which equals all-zero labels.
+    net = checkpoint.load_network(final)
+    model_labels.clear()
+    generation.sample_images(net, [0, 1], num_steps=3)
+    sampler.backward_sample(sampler.net_denoiser(net), torch.zeros(2, 3, 8, 8, dtype=torch.float64), 0.5, 8)
+    assert len(model_labels) > 0 and all(labels is None for labels in model_labels)
+    x, sigma = torch.randn(2, 3, 8, 8), torch.tensor([0.5, 2.0])
+    plain = net(x, sigma)
+    assert torch.equal(net(x, sigma, augment_labels=torch.zeros(2, 9)), plain)
+    assert not torch.allclose(net(x, sigma, augment_labels=torch.ones(2, 9)), plain)  # the labels do condition it
+
+
+def test_dropout_masks_in_training_only_and_reproducible(tmp_path, data, monkeypatch):
+    real = torch.nn.functional.dropout
+    calls = []
+
+    def spy(input, p=0.5, training=True, inplace=False):
+        out = real(input, p, training, inplace)
+        calls.append((p, training, (out == 0) & (input != 0)))
+        return out
+    monkeypatch.setattr(torch.nn.functional, 'dropout', spy)
+    opts = tiny_options(data, total_kimg=0.016)
+    opts['network_kwargs'] = dict(opts['network_kwargs'], dropout=0.25)
+    runs = {}
+    for name, seed in [('a', 1), ('b', 1), ('c', 2)]:
+        calls.clear()
+        final = tl.training_loop(str(tmp_path / name), **dict(opts, seed=seed))
+        runs[name] = [mask for _, _, mask in calls]
+        assert calls and all(p == 0.25 and training for p, training, _ in calls)
+    per_step = len(runs['a']) // 2  # 2 steps, one network call each
+    masks = torch.cat([m.flatten() for m in runs['a']]).double()
+    assert masks.mean().item() == pytest.approx(0.25, abs=0.02)
+    assert not torch.equal(runs['a'][0], runs['a'][per_step])  # each step draws new masks
+    assert all(torch.equal(x, y) for x, y in zip(runs['a'], runs['b']))  # the same seed, the same masks
+    assert not torch.equal(runs['a'][0], runs['c'][0])
+    # The snapshot samples without dropout.
+    calls.clear()
+    from training import generation
+    generation.sample_images(checkpoint.load_network(final), [0], num_steps=2)
+    assert calls and not any(training for _, training, _ in calls)
