@@ -6,6 +6,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 import tarfile
 import zipfile
 
@@ -168,7 +169,6 @@ def _late_bad_png(root, kind):
 
 def _with_json(src_dir, dest_dir, **changes):
     """A copy of a dataset folder whose dataset.json has `changes`."""
-    import shutil
     shutil.copytree(src_dir, dest_dir)
     path = os.path.join(dest_dir, 'dataset.json')
     meta = json.load(open(path))
@@ -431,23 +431,31 @@ def _full_disk(*args, **kwargs):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
-def _assert_full_disk_error(res, dest, tmp_path, before):
+def _assert_full_disk_error(res, dest, tmp_path, before, seen):
     lines = res.output.strip().splitlines()
     assert res.exit_code == 1 and len(lines) == 1, res.output
     assert lines[0].startswith(f'Error: Cannot write {dest}: No space left on device (it needs about '), lines[0]
     assert sorted(os.listdir(tmp_path)) == before  # the temporary is gone: it would keep the disk full
+    assert seen.pop() == before  # and was gone when the free space was measured
 
 
 def test_full_disk_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
     src = data_prep.convert_dataset(make_small(str(tmp_path / 'src')), str(tmp_path / 'all.zip'), verbose=False)
     np.save(tmp_path / 'mine.npy', np.zeros((4, 3, 8, 8), np.float32))
     before = sorted(os.listdir(tmp_path))
-    monkeypatch.setattr(os, 'posix_fallocate', _full_disk, raising=False)
-    _assert_full_disk_error(run('corrupt', f'--source={src}', '--sigma=0.2', f'--dest={tmp_path / "noisy"}'),
-                            tmp_path / 'noisy', tmp_path, before)
-    _assert_full_disk_error(run('import-noisy', f'--source={tmp_path / "mine.npy"}', '--sigma=0.2', f'--dest={tmp_path / "mine"}'),
-                            tmp_path / 'mine', tmp_path, before)
-    monkeypatch.undo()
+    seen = []
+    real_usage = shutil.disk_usage
+
+    def disk_usage(path):
+        seen.append(sorted(os.listdir(tmp_path)))
+        return real_usage(path)
+    monkeypatch.setattr(shutil, 'disk_usage', disk_usage)
+    with monkeypatch.context() as m:
+        m.setattr(os, 'posix_fallocate', _full_disk, raising=False)
+        _assert_full_disk_error(run('corrupt', f'--source={src}', '--sigma=0.2', f'--dest={tmp_path / "noisy"}'),
+                                tmp_path / 'noisy', tmp_path, before, seen)
+        _assert_full_disk_error(run('import-noisy', f'--source={tmp_path / "mine.npy"}', '--sigma=0.2',
+                                    f'--dest={tmp_path / "mine"}'), tmp_path / 'mine', tmp_path, before, seen)
     # PNGs into a zip: the disk fills at the fourth image.
     real_writestr = zipfile.ZipFile.writestr
     calls = []
@@ -457,10 +465,10 @@ def test_full_disk_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
         if len(calls) > 3:
             _full_disk()
         return real_writestr(self, *args, **kwargs)
-    monkeypatch.setattr(zipfile.ZipFile, 'writestr', writestr)
-    _assert_full_disk_error(run('convert', f'--source={tmp_path / "src"}', f'--dest={tmp_path / "out.zip"}'),
-                            tmp_path / 'out.zip', tmp_path, before)
-    monkeypatch.undo()
+    with monkeypatch.context() as m:
+        m.setattr(zipfile.ZipFile, 'writestr', writestr)
+        _assert_full_disk_error(run('convert', f'--source={tmp_path / "src"}', f'--dest={tmp_path / "out.zip"}'),
+                                tmp_path / 'out.zip', tmp_path, before, seen)
     # PNGs into a folder: a write fails at the third image.
     opened = []
 
@@ -472,7 +480,7 @@ def test_full_disk_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
         return open(path, mode, *args, **kwargs)
     monkeypatch.setattr(data_prep, 'open', full_open, raising=False)
     _assert_full_disk_error(run('convert', f'--source={tmp_path / "src"}', f'--dest={tmp_path / "out"}'),
-                            tmp_path / 'out', tmp_path, before)
+                            tmp_path / 'out', tmp_path, before, seen)
 
 
 KILLED_RUN = '''

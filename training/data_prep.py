@@ -283,10 +283,11 @@ def check_dest(dest: str, sources: Sequence[str], overwrite: bool) -> str:
 
 
 @contextlib.contextmanager
-def staged_output(dest: str, is_dir: bool) -> Iterator[str]:
+def staged_output(dest: str, is_dir: bool, needed: Callable[[], int | None] | None = None) -> Iterator[str]:
     """Yield a temporary path beside `dest` (a folder, or a free name for a file); on success move it onto
-    `dest` (replacing a folder or file there), on any failure delete it."""
-    with disk_errors(dest):
+    `dest` (replacing a folder or file there), on any failure delete it. A full disk is one UserError line
+    (`needed()` estimates the size), its free space counted after the temporary is gone."""
+    with disk_errors(dest, needed):
         tmp = make_temp_dir(dest)
         try:
             if not is_dir:
@@ -302,17 +303,25 @@ CONVERT_FIX = 'pass --resolution=WxH (with --transform=center-crop for non-squar
 SPLIT_FIX = 'split copies images as they are: convert the source to one size first (dataset_tool.py convert --resolution=WxH)'
 
 
+class Written:
+    """Bytes and images written so far; `needed()` extrapolates to the size of all `total` images."""
+
+    def __init__(self, total: int):
+        self.total, self.bytes, self.images = total, 0, 0
+
+    def needed(self) -> int | None:
+        return self.bytes * self.total // self.images if self.images else None
+
+
 def write_image_dataset(path: str, as_zip: bool, items: Iterable[tuple[str, PIL.Image.Image, Any]], total: int,
                         metadata: dict | None = None, desc: str = 'Writing', verbose: bool = True,
-                        dest: str | None = None, fix: str = CONVERT_FIX) -> None:
-    """Write (name, image, label) items as EDM-layout PNGs plus dataset.json at `path` (the staging place of
-    `dest`, which messages name); check sizes and channels agree (`fix` says how to make them agree)."""
+                        fix: str = CONVERT_FIX, written: Written | None = None) -> None:
+    """Write (name, image, label) items as EDM-layout PNGs plus dataset.json; check sizes and channels agree
+    (`fix` says how to make them agree); count what was written in `written`."""
     progress = Progress(total, desc, enabled=verbose)
-    labels, first, written = [], None, [0]
-
-    def needed() -> int | None:
-        return written[0] * total // progress.done if progress.done else None
-    with disk_errors(dest or path, needed), contextlib.ExitStack() as stack:
+    labels, first = [], None
+    written = written or Written(total)
+    with contextlib.ExitStack() as stack:
         if as_zip:
             archive = stack.enter_context(zipfile.ZipFile(path, 'w', compression=zipfile.ZIP_STORED))
             write = archive.writestr
@@ -326,7 +335,7 @@ def write_image_dataset(path: str, as_zip: bool, items: Iterable[tuple[str, PIL.
 
         def put(name: str, data: bytes) -> None:
             write(name, data)
-            written[0] += len(data)
+            written.bytes += len(data)
         for idx, (name, img, label) in enumerate(items):
             if first is None:
                 first = (name, img.size, img.mode)
@@ -348,6 +357,7 @@ def write_image_dataset(path: str, as_zip: bool, items: Iterable[tuple[str, PIL.
             put(fname, buf.getvalue())
             if label is not None:
                 labels.append([fname, label])
+            written.images += 1
             progress.update()
         if first is None:
             raise UserError('No images to write')
@@ -376,9 +386,10 @@ def convert_dataset(source: str, dest: str, resolution: str | None = None, trans
     indices = indices[:max_images]
     items = ((name, apply(img), label) for name, img, label in src.read(indices))
     as_zip = dest.lower().endswith('.zip')
-    with staged_output(dest, is_dir=not as_zip) as tmp:
+    written = Written(len(indices))
+    with staged_output(dest, is_dir=not as_zip, needed=written.needed) as tmp:
         write_image_dataset(tmp, as_zip, items, len(indices), metadata, desc=f'Converting {source}', verbose=verbose,
-                            dest=dest)
+                            written=written)
     if kept and verbose:
         print(kept)  # after the work, so that an error stays the only line
     return dest
@@ -437,11 +448,12 @@ def split_dataset(source: str, clean: str | float | int, seed: int, dest_clean: 
     with contextlib.ExitStack() as stack:
         for dest, indices, what in zip((dest_clean, dest_rest), parts, ('clean', 'rest')):
             as_zip = dest.lower().endswith('.zip')
-            tmp = stack.enter_context(staged_output(dest, is_dir=not as_zip))
+            written = Written(len(indices))
+            tmp = stack.enter_context(staged_output(dest, is_dir=not as_zip, needed=written.needed))
             root, root_indices = _root_indices(source, src.metadata, indices)
             meta = {'split': what, 'seed': seed, 'source': root, 'source_indices': root_indices}
             write_image_dataset(tmp, as_zip, src.read(indices), len(indices), meta,
-                                desc=f'Writing {what} set', verbose=verbose, dest=dest, fix=SPLIT_FIX)
+                                desc=f'Writing {what} set', verbose=verbose, fix=SPLIT_FIX, written=written)
     return parts[0], parts[1]
 
 

@@ -568,16 +568,16 @@ class ArrayDatasetWriter:
         c, h, _w = self.image_shape
         metadata = {'kind': 'array', **self.metadata, 'count': self.num_images, 'dtype': self.dtype.name,
                     'resolution': h, 'channels': c}
-        try:
-            with disk_errors(self.dest, self.nbytes):
+        with disk_errors(self.dest, self.nbytes):
+            try:
                 self._images.flush()
                 self._images = None
                 with atomic_write(os.path.join(self._tmp, 'dataset.json'), 'w') as f:
                     json.dump(metadata, f, default=json_default)
                 atomic_replace_dir(self._tmp, self.dest)
-        except BaseException:
-            self.abort()
-            raise
+            except BaseException:
+                self.abort()
+                raise
         return self.dest
 
     def abort(self) -> None:
