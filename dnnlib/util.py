@@ -96,6 +96,8 @@ def temp_prefix(path: str) -> str:
 
 
 def _pid_alive(pid: int) -> bool:
+    if os.name != 'posix':
+        return True  # os.kill(pid, 0) would terminate it on Windows: never take a temporary for stale there
     try:
         os.kill(pid, 0)
     except (ProcessLookupError, OverflowError):

@@ -265,3 +265,13 @@ def test_files_follow_the_umask(tmp_path, umask, file_mode):
     assert os.stat(tmp_path / 'a.json').st_mode & 0o777 == file_mode
     assert os.stat(tmp_path / 'log.txt').st_mode & 0o777 == file_mode
     assert os.stat(tmp).st_mode & 0o777 == file_mode | 0o111
+
+
+def test_stale_temporaries_are_never_guessed_off_posix(tmp_path, monkeypatch):
+    killed = _python(KILLED_WRITER, str(tmp_path / 'a.bin'))
+    assert killed.wait(60) == -9
+    monkeypatch.setattr(os, 'name', 'nt')
+    monkeypatch.setattr(os, 'kill', lambda *args: pytest.fail('os.kill would terminate a process on Windows'))
+    assert util.remove_stale_temps(str(tmp_path)) == [] and len(os.listdir(tmp_path)) == 1
+    monkeypatch.undo()
+    assert len(util.remove_stale_temps(str(tmp_path))) == 1 and os.listdir(tmp_path) == []
