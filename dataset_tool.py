@@ -28,21 +28,25 @@ def main() -> None:
                                     'handwritten digits, 8x8 grey, values 0..16 mapped to 0..255, with labels)',
               metavar='PATH', required=True)
 @click.option('--dest',        help='Output: a .zip archive if the name ends in .zip, else a folder', metavar='PATH', required=True)
-@click.option('--resolution',  help='Output size WxH; images are resized (Lanczos) to it  [default: keep]', metavar='WxH')
+@click.option('--resolution',  help='Output size WxH, at least 4x4; images are resized (Lanczos) to it  [default: keep]', metavar='WxH')
 @click.option('--transform',   help='center-crop: largest centred square, then resize; center-crop-wide: centred crop '
                                     'to the WxH aspect, resize, pad to WxW; celeba: aligned CelebA 178x218 -> the '
                                     '128x128 box centred at (x 89, y 121) (left 25, top 57), then resize '
                                     '[default resolution 64x64]',
               type=click.Choice(['center-crop', 'center-crop-wide', 'celeba']))
+@click.option('--partition',   help="With --transform=celeba: CelebA's list_eval_partition.txt; only its training "
+                                    'images (partition 0, 162,770 of 202,599) are kept  [default: the file in the '
+                                    'source folder or beside the source zip, if there is one]', metavar='FILE')
 @click.option('--max-images',  help='Convert only the first N images', metavar='N', type=int)
-@click.option('--overwrite',   help='Replace an existing destination', is_flag=True)
-def convert(source: str, dest: str, resolution: str | None, transform: str | None, max_images: int | None,
-            overwrite: bool) -> None:
+@click.option('--overwrite',   help='Replace an existing destination (a dataset)', is_flag=True)
+def convert(source: str, dest: str, resolution: str | None, transform: str | None, partition: str | None,
+            max_images: int | None, overwrite: bool) -> None:
     """Convert a source to the EDM layout.
 
     Writes PNGs 00000/img00000000.png, ... plus dataset.json {"labels": [[name, label], ...] or null}.
     """
-    convert_dataset(source, dest, resolution=resolution, transform=transform, max_images=max_images, overwrite=overwrite)
+    convert_dataset(source, dest, resolution=resolution, transform=transform, max_images=max_images, overwrite=overwrite,
+                    partition=partition)
     click.echo(f'Wrote {dest}')
 
 
@@ -66,11 +70,12 @@ def split(source: str, clean: str, seed: int, dest_clean: str, dest_rest: str, o
 
 @main.command()
 @click.option('--source',      help='Clean image dataset to corrupt (usually the rest of a split)', metavar='PATH', required=True)
-@click.option('--sigma',       help='Noise std in [-1, 1] pixel units (0.2 = 25.5 grey levels); must be > 0',
+@click.option('--sigma',       help='Noise std in [-1, 1] pixel units (0.2 = 25.5 grey levels); must be > 0 and '
+                                    'finite, and its noise must fit --dtype (float16: sigma <= 6550)',
               metavar='FLOAT', type=float, required=True)
 @click.option('--seed',        help='Noise seed; image i gets noise from derive_seed(seed, i)', metavar='INT',
               type=click.IntRange(min=0), default=0, show_default=True)
-@click.option('--dest',        help='Output directory (images.npy + dataset.json)', metavar='DIR', required=True)
+@click.option('--dest',        help='Output directory (images.npy + dataset.json; not a .zip)', metavar='DIR', required=True)
 @click.option('--dtype',       help='Storage type of the noisy pixels', type=click.Choice(['float32', 'float16']),
               default='float32', show_default=True)
 @click.option('--overwrite',   help='Replace an existing destination', is_flag=True)
@@ -86,13 +91,14 @@ def corrupt(source: str, sigma: float, seed: int, dest: str, dtype: str, overwri
 
 @main.command(name='import-noisy')
 @click.option('--source',      help='Your noisy images: .npy, N x C x H x W float in [-1, 1] pixel units', metavar='FILE', required=True)
-@click.option('--sigma',       help='Their noise std in [-1, 1] pixel units; must be > 0', metavar='FLOAT', type=float, required=True)
-@click.option('--dest',        help='Output directory (images.npy + dataset.json)', metavar='DIR', required=True)
+@click.option('--sigma',       help='Their noise std in [-1, 1] pixel units; must be > 0 and finite', metavar='FLOAT', type=float, required=True)
+@click.option('--dest',        help='Output directory (images.npy + dataset.json; not a .zip)', metavar='DIR', required=True)
 @click.option('--overwrite',   help='Replace an existing destination', is_flag=True)
 def import_noisy_cmd(source: str, sigma: float, dest: str, overwrite: bool) -> None:
     """Bring your own noisy data (.npy).
 
-    Without originals, evaluation can only compare against clean reference statistics.
+    Values must be finite; values more than 10 sigma outside [-1, 1] get a warning. Without originals,
+    evaluation can only compare against clean reference statistics.
     """
     import_noisy(source, dest, sigma, overwrite=overwrite)
     click.echo(f'Wrote {dest}')

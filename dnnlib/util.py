@@ -1,12 +1,14 @@
-"""General utilities: EasyDict, class construction by name, cached URL opening, atomic writes, progress."""
+"""General utilities: EasyDict, class construction by name, cached URL opening, atomic writes and disk errors, progress."""
 
 import contextlib
+import errno
 import hashlib
 import importlib
 import io
 import os
 import re
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -65,7 +67,12 @@ def construct_class_by_name(*args, class_name: str, **kwargs) -> Any:
     return cls(*args, **kwargs)
 
 #----------------------------------------------------------------------------
-# Atomic file output.
+# Atomic file output: temporaries beside the target, named by host and process, so that a rerun can tell
+# the leftovers of a killed writer ('.NAME.HOST-PID.XXXX.tmp', PID gone) from those of a live one.
+
+_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+_scanned_dirs: set[tuple[int, str]] = set()
+
 
 def current_umask() -> int:
     """This process's umask (read by setting and restoring it)."""
@@ -74,13 +81,92 @@ def current_umask() -> int:
     return umask
 
 
+def _host_id() -> str:
+    """This host's name, made safe for file names, with the pid namespace where one can be read (containers
+    that share a host name but not process ids must not take each other's live processes for dead)."""
+    host = re.sub(r'[^A-Za-z0-9_]+', '_', socket.gethostname()) or 'host'
+    with contextlib.suppress(OSError):
+        host += '_' + re.sub(r'\D', '', os.readlink('/proc/self/ns/pid'))
+    return host
+
+
+def temp_prefix(path: str) -> str:
+    """The name prefix of this process's temporaries for `path`: '.NAME.HOST-PID.'."""
+    return f'.{os.path.basename(os.path.abspath(path))}.{_host_id()}-{os.getpid()}.'
+
+
+def _pid_alive(pid: int) -> bool:
+    if os.name != 'posix':
+        return True  # os.kill(pid, 0) would terminate it on Windows: never take a temporary for stale there
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def remove_path(path: str) -> None:
+    """Delete a file, link or directory tree if it exists."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+
+
+def remove_stale_temps(directory: str, name: str | None = None) -> list[str]:
+    """Delete the temporaries that killed processes of this host left in `directory` (of `name` only, if given).
+
+    Only names of this module's pattern whose process is gone count; a live writer's are kept. A replaced
+    dataset that atomic_replace_dir had set aside ('.NAME.HOST-PID.old.tmp') goes back to NAME if NAME is
+    missing, since then the kill came between the two renames. Returns the deleted paths.
+    """
+    pattern = re.compile(r'\.(?P<name>.+)\.' + re.escape(_host_id()) + r'-(?P<pid>\d+)\.(?P<tag>[a-z0-9_]+)\.tmp')
+    try:
+        entries = os.listdir(directory)
+    except OSError:
+        return []
+    removed = []
+    for entry in entries:
+        m = pattern.fullmatch(entry)
+        if not m or (name is not None and m['name'] != name) or _pid_alive(int(m['pid'])):
+            continue
+        path, target = os.path.join(directory, entry), os.path.join(directory, m['name'])
+        if m['tag'] == 'old' and not os.path.lexists(target):
+            os.rename(path, target)
+            continue
+        remove_path(path)
+        removed.append(path)
+    return removed
+
+
+def make_temp_dir(dest: str) -> str:
+    """A fresh hidden directory beside `dest` ('.NAME.HOST-PID.XXXX.tmp', the permissions a plain mkdir
+    gives); stale ones that killed writers left for `dest` are deleted first."""
+    parent, name = os.path.split(os.path.abspath(dest))
+    os.makedirs(parent, exist_ok=True)
+    remove_stale_temps(parent, name)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=temp_prefix(dest), suffix='.tmp')
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private (0700)
+    return tmp
+
+
 @contextlib.contextmanager
 def atomic_write(path: str, mode: str = 'wb') -> Iterator[Any]:
-    """Open a temporary file beside `path`; rename it onto `path` only if the block completes."""
+    """Open a temporary file beside `path`; rename it onto `path` only if the block completes.
+
+    The file gets the permissions a plain open() would give (0666 & ~umask). The first write into a
+    directory in a process deletes the temporaries that killed writers left there.
+    """
     path = os.fspath(path)
     dirname = os.path.dirname(os.path.abspath(path))
     os.makedirs(dirname, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dirname, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
+    if (os.getpid(), dirname) not in _scanned_dirs:  # once per directory: a folder of 50k PNGs is listed once
+        remove_stale_temps(dirname)
+        _scanned_dirs.add((os.getpid(), dirname))
+    fd, tmp = tempfile.mkstemp(dir=dirname, prefix=temp_prefix(path), suffix='.tmp')
     try:
         os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it private (0600); a plain open() would not
         with os.fdopen(fd, mode) as f:
@@ -95,14 +181,79 @@ def atomic_write(path: str, mode: str = 'wb') -> Iterator[Any]:
 
 
 def atomic_replace_dir(tmp_dir: str, dest_dir: str) -> None:
-    """Move a completed temporary directory onto `dest_dir`, replacing an existing one."""
-    if os.path.exists(dest_dir):
-        old = dest_dir.rstrip('/') + f'.old-{os.getpid()}'
-        os.rename(dest_dir, old)
+    """Move a completed temporary directory (or file) onto `dest_dir`, replacing a folder or file there.
+
+    A file onto a file is one rename. Otherwise the old one is first renamed aside to
+    '.NAME.HOST-PID.old.tmp' and deleted after the move (put back if the move fails); nothing named
+    DEST.old-PID is ever left, and a kill between the renames is repaired by remove_stale_temps.
+    """
+    dest_dir = os.path.abspath(dest_dir)
+    if not os.path.lexists(dest_dir) or not (os.path.isdir(tmp_dir) or os.path.isdir(dest_dir)):
+        os.replace(tmp_dir, dest_dir)
+        return
+    old = os.path.join(os.path.dirname(dest_dir), temp_prefix(dest_dir) + 'old.tmp')
+    remove_path(old)  # one this process could not delete earlier
+    os.rename(dest_dir, old)
+    try:
         os.rename(tmp_dir, dest_dir)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp_dir, dest_dir)
+    except BaseException:
+        os.rename(old, dest_dir)
+        raise
+    remove_path(old)
+
+
+def preallocate(f: Any, offset: int, length: int, chunk: int = 1 << 24) -> None:
+    """Reserve disk blocks for bytes [offset, offset + length) of the open file `f` (zeros where there is no
+    posix_fallocate), so a full disk fails here with OSError instead of a SIGBUS at a memory map's first write."""
+    if length <= 0:
+        return
+    if hasattr(os, 'posix_fallocate'):
+        try:
+            os.posix_fallocate(f.fileno(), offset, length)
+            return
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+    f.seek(offset)
+    zeros = bytes(min(chunk, length))
+    for start in range(0, length, chunk):
+        f.write(zeros[:min(chunk, length - start)])
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def format_bytes(n: float) -> str:
+    """Human-readable size: '512 B', '3.2 MB', '1.5 GB' (powers of 1000)."""
+    if abs(n) < 1000:
+        return f'{n:.0f} B'
+    for unit in ('kB', 'MB', 'GB', 'TB'):
+        n /= 1000
+        if abs(n) < 1000 or unit == 'TB':
+            break
+    return f'{n:.1f} {unit}'
+
+
+@contextlib.contextmanager
+def disk_errors(dest: str, needed: int | Callable[[], int | None] | None = None) -> Iterator[None]:
+    """Turn a full disk, a full quota, a read-only file system or a refused permission met while writing
+    `dest` into one UserError line that names `dest`, the space it needs and the space free."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in _DISK_ERRNOS:
+            raise
+        size = needed() if callable(needed) else needed
+        parent = os.path.dirname(os.path.abspath(dest))
+        while not os.path.isdir(parent):
+            parent = os.path.dirname(parent)
+        try:
+            free = f'{format_bytes(shutil.disk_usage(parent).free)} free there'
+        except OSError:
+            free = 'free space unknown'
+        need = f'it needs about {format_bytes(size)}' if size else 'size unknown'
+        fix = 'free some space or choose another place' if e.errno in (errno.ENOSPC, errno.EDQUOT) \
+            else 'choose a writable place'
+        raise UserError(f'Cannot write {dest}: {os.strerror(e.errno)} ({need}, {free}); {fix}') from None
 
 #----------------------------------------------------------------------------
 # URLs with a download cache.

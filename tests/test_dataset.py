@@ -1,5 +1,6 @@
-"""training/dataset.py: image folders and zips, memory-mapped array datasets, the writer, pixel units."""
+"""training/dataset.py: image folders and zips, memory-mapped array datasets, the writer, pixel units, bad files, originals."""
 
+import errno
 import json
 import os
 import pickle
@@ -11,7 +12,8 @@ import pytest
 import torch
 
 from dnnlib.util import UserError
-from training.dataset import ArrayDataset, ArrayDatasetWriter, ImageFolderDataset, assemble_array_dataset, open_dataset
+from training.dataset import (ArrayDataset, ArrayDatasetWriter, ImageFolderDataset, assemble_array_dataset, load_npy, open_dataset,
+                              originals_path)
 from training.images import to_model_space
 
 
@@ -144,5 +146,155 @@ def test_assemble_shards_and_bad_arrays(tmp_path):
     assert ds.images[:, 0, 0, 0].tolist() == [0, 0, 9, 9, 9] and ds.metadata['iteration'] == 2 and ds.sigma is None
     with open(os.path.join(dest, 'images.npy'), 'r+b') as f:
         f.truncate(200)
-    with pytest.raises(UserError, match='Cannot read'):
+    with pytest.raises(UserError, match='images.npy is truncated: 200 bytes'):
         open_dataset(dest)
+
+#----------------------------------------------------------------------------
+# Full disks, killed writers, files that are not what their names say, hostile dataset.json.
+
+def _enospc(*args):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_writer_preallocates_and_reports_a_full_disk(tmp_path, monkeypatch):
+    dest = str(tmp_path / 'noisy')
+    w = ArrayDatasetWriter(dest, 64, (3, 32, 32), 'float32')
+    images = [os.path.join(tmp_path, n, 'images.npy') for n in os.listdir(tmp_path)][0]
+    assert os.stat(images).st_blocks * 512 >= 64 * 3 * 32 * 32 * 4  # reserved now, not at the first write
+    w.abort()
+    monkeypatch.setattr(os, 'posix_fallocate', _enospc, raising=False)
+    with pytest.raises(UserError) as e:
+        ArrayDatasetWriter(dest, 64, (3, 32, 32), 'float32')
+    assert str(e.value).startswith(f'Cannot write {dest}: No space left on device (it needs about {64 * 3 * 32 * 32 * 4 / 1000:.1f} kB')
+    assert os.listdir(tmp_path) == []  # no hidden temporary keeps the disk full
+
+
+def test_writer_failing_at_the_end_leaves_nothing(tmp_path, monkeypatch):
+    import training.dataset as dataset_module
+
+    def read_only(*args):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+    monkeypatch.setattr(dataset_module, 'atomic_replace_dir', read_only)
+    with pytest.raises(UserError, match=r'Cannot write .*out: Read-only file system'):
+        with ArrayDatasetWriter(str(tmp_path / 'out'), 2, (1, 4, 4), 'uint8') as w:
+            w.write(0, np.zeros((2, 1, 4, 4), np.uint8))
+    assert os.listdir(tmp_path) == []
+
+
+def test_remove_temp_dirs_takes_every_temporary_of_its_dest(tmp_path):
+    # The SFBD merge's clean-up takes any '.E.*.tmp', a live writer's too (it knows it is alone); make_temp_dir
+    # takes only those of dead processes (tests/test_dataset_tool.py kills a run to check that).
+    from training.dataset import remove_temp_dirs
+    os.makedirs(tmp_path / '.E.abc123.tmp')
+    live = ArrayDatasetWriter(str(tmp_path / 'E'), 1, (1, 4, 4), 'uint8')
+    os.makedirs(tmp_path / '.F.abc123.tmp')
+    assert len(os.listdir(tmp_path)) == 3
+    remove_temp_dirs(str(tmp_path / 'E'))
+    assert os.listdir(tmp_path) == ['.F.abc123.tmp']
+    live.abort()
+
+
+def test_files_that_are_not_what_their_names_say(tmp_path):
+    (tmp_path / 'text.npy').write_text('hello')
+    np.savez(tmp_path / 'two.npz', a=np.zeros(2))
+    os.rename(tmp_path / 'two.npz', tmp_path / 'two.npy')
+    np.save(tmp_path / 'obj.npy', np.array([{}], dtype=object), allow_pickle=True)
+    np.save(tmp_path / 'full.npy', np.zeros((4, 1, 8, 8), np.float32))
+    (tmp_path / 'short.npy').write_bytes((tmp_path / 'full.npy').read_bytes()[:300])
+    for name, message in [('text.npy', 'is not a .npy file'), ('two.npy', 'is an .npz archive'),
+                          ('obj.npy', 'holds Python objects'), ('short.npy', 'is truncated: 300 bytes')]:
+        with pytest.raises(UserError, match=message):
+            load_npy(str(tmp_path / name))
+    assert 'pickle' not in str(pytest.raises(UserError, load_npy, str(tmp_path / 'text.npy')).value)
+    folder = make_folder(str(tmp_path / 'f'))
+    zpath = str(tmp_path / 'd.zip')
+    with zipfile.ZipFile(zpath, 'w') as z:
+        z.write(os.path.join(folder, 'dataset.json'), 'dataset.json')
+        z.write(os.path.join(folder, '00000', 'img00000000.png'), '00000/img00000000.png')
+    data = open(zpath, 'rb').read()
+    (tmp_path / 'cut.zip').write_bytes(data[: len(data) - 30])
+    PIL.Image.new('RGB', (8, 8)).save(tmp_path / 'one.png')
+    import tarfile
+    with tarfile.open(tmp_path / 'a.tar.gz', 'w:gz') as tar:
+        tar.add(folder, 'f')
+    for name, message in [('cut.zip', 'damaged or truncated zip'), ('full.npy', 'is a .npy file; an array dataset is a folder'),
+                          ('a.tar.gz', 'compressed archive'), ('one.png', 'a single image')]:
+        with pytest.raises(UserError, match=message):
+            open_dataset(str(tmp_path / name))
+
+
+def _array_set(path, meta=None, shape=(3, 1, 8, 8), dtype=np.float32):
+    os.makedirs(path)
+    np.save(os.path.join(path, 'images.npy'), np.zeros(shape, dtype))
+    with open(os.path.join(path, 'dataset.json'), 'w') as f:
+        json.dump({'kind': 'array', 'count': shape[0], **(meta or {})}, f)
+    return str(path)
+
+
+@pytest.mark.parametrize('meta,shape,message', [
+    ({'sigma': 'abc'}, (3, 1, 8, 8), '"sigma" in the dataset.json of .* must be a positive finite number'),
+    ({'sigma': 1e308}, (3, 1, 8, 8), '"sigma" in .* is 1e\\+308, whose noise overflows float32'),
+    ({'sigma': True}, (3, 1, 8, 8), 'must be a positive finite number'),
+    ({'count': 5}, (3, 1, 8, 8), 'says "count" is 5 but images.npy holds 3'),
+    ({'resolution': 16}, (3, 1, 8, 8), 'says "resolution" is 16'),
+    ({'source_indices': [0, 1]}, (3, 1, 8, 8), '"source_indices" in the dataset.json of .* are not 3'),
+    ({}, (3, 1, 2, 2), 'below 4x4'),
+])
+def test_hostile_dataset_json(tmp_path, meta, shape, message):
+    path = _array_set(tmp_path / 'bad', meta, shape)
+    with pytest.raises(UserError, match=message):
+        open_dataset(path)
+
+
+def test_labels_that_are_no_labels(tmp_path):
+    ds = open_dataset(_array_set(tmp_path / 'bad', {'labels': 'abc'}))
+    with pytest.raises(UserError, match='"labels" must list one label per image'):
+        ds.raw_labels()
+
+#----------------------------------------------------------------------------
+# The originals a noisy set names.
+
+def _noisy(path, originals):
+    return open_dataset(_array_set(path, {'sigma': 0.2, 'originals': originals}))
+
+
+def test_originals_resolve_against_the_noisy_set_not_the_cwd(tmp_path, monkeypatch):
+    clean = make_folder(str(tmp_path / 'data' / 'rest'))
+    noisy = _noisy(tmp_path / 'data' / 'noisy', '../rest')
+    monkeypatch.chdir(tmp_path)  # '../rest' from here would be elsewhere
+    assert originals_path(noisy) == os.path.join(str(tmp_path / 'data'), 'rest')
+    assert originals_path(_noisy(tmp_path / 'n2', clean)) == clean  # absolute, a dataset with dataset.json
+    plain = str(tmp_path / 'data' / 'plain')
+    os.makedirs(plain)
+    PIL.Image.new('RGB', (8, 8)).save(os.path.join(plain, 'a.png'))
+    assert originals_path(_noisy(tmp_path / 'n3', '../data/plain')) == plain  # relative: a plain image folder too
+    assert originals_path(_noisy(tmp_path / 'n4', None)) is None
+
+
+def test_originals_that_are_not_a_dataset_are_refused_unread(tmp_path, monkeypatch):
+    def no_walk(*args, **kwargs):
+        raise AssertionError('walked a directory')
+    monkeypatch.setattr(os, 'walk', no_walk)
+    plain = str(tmp_path / 'plain')
+    os.makedirs(os.path.join(plain, 'sub'))
+    PIL.Image.new('RGB', (8, 8)).save(os.path.join(plain, 'a.png'))
+    for i, value in enumerate(['/usr/share', '/etc/passwd', '/', plain, '../../../../../../../../usr', '../plain/sub']):
+        noisy = _noisy(tmp_path / f'n{i}', value)
+        with pytest.raises(UserError) as e:
+            originals_path(noisy)
+        text = str(e.value)
+        assert 'field "originals"' in text and noisy.path in text and 'not an image dataset' in text, text
+    noisy = _noisy(tmp_path / 'n9', ['a', 'b'])
+    with pytest.raises(UserError, match='field "originals" in the dataset.json of the noisy set .* must be a path'):
+        originals_path(noisy)
+
+
+def test_missing_originals_are_one_warning(tmp_path, capsys):
+    noisy = _noisy(tmp_path / 'noisy', 'gone')
+    notes = []
+    assert originals_path(noisy, on_missing=notes.append) is None
+    assert len(notes) == 1 and notes[0].startswith('Warning: the field "originals" in the dataset.json of the noisy set')
+    assert os.path.join(noisy.path, 'gone') in notes[0] and 'does not exist' in notes[0]
+    assert originals_path(noisy) is None
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0] == notes[0]  # printed by default, to stderr

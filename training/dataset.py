@@ -1,23 +1,25 @@
 """Datasets: EDM-layout image folders/zips and memory-mapped array datasets, behind one interface."""
 
 import json
+import math
 import os
 import pathlib
 import shutil
-import tempfile
+import sys
 import zipfile
-from typing import Any, BinaryIO, Sequence
+from typing import Any, BinaryIO, Callable, Sequence
 
 import numpy as np
 import PIL.Image
 import torch
 
-from dnnlib.util import UserError, atomic_replace_dir, atomic_write, current_umask
+from dnnlib.util import UserError, atomic_replace_dir, atomic_write, disk_errors, make_temp_dir, preallocate
 from training.images import image_to_array
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
 ARRAY_DTYPES = (np.dtype(np.uint8), np.dtype(np.float16), np.dtype(np.float32))
 _GREY_MODES = ('1', 'L', 'LA', 'I', 'I;16', 'F')
+MIN_RESOLUTION = 4  # the U-Nets halve the image at each level after the first: ddpmpp's 3 levels need 4x4
 
 #----------------------------------------------------------------------------
 # Metadata.
@@ -30,11 +32,76 @@ def json_default(obj: Any) -> Any:
         return obj.tolist()
     raise TypeError(f'{type(obj).__name__} is not JSON serializable')
 
+
+def check_sigma(sigma: Any, dtype: Any, what: str, fix: str) -> float:
+    """UserError (`what` names the input, `fix` says what to do) unless `sigma` is a number > 0 whose noise,
+    up to 10 sigma, a `dtype` pixel can hold; returns it as a float."""
+    dtype = np.dtype(dtype)
+    largest = float(np.finfo(dtype).max) if dtype.kind == 'f' else 255.0
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not 0 < sigma < math.inf:
+        raise UserError(f'{what} must be a positive finite number in [-1, 1] pixel units, found {sigma!r}; {fix}')
+    if 10 * sigma > largest:
+        raise UserError(f'{what} is {sigma:g}, whose noise overflows {dtype.name} pixels (largest {largest:g}) to inf; {fix}')
+    return float(sigma)
+
 #----------------------------------------------------------------------------
 # Image files in a folder or a zip.
 
 def _one_line(e: BaseException) -> str:
     return ' '.join(str(e).split()) or type(e).__name__
+
+
+def _read_magic(path: str, n: int = 8) -> bytes:
+    try:
+        with open(path, 'rb') as f:
+            return f.read(n)
+    except OSError as e:
+        raise UserError(f'Cannot read {path}: {_one_line(e)}')
+
+
+def _not_a_dataset_file(path: str) -> str:
+    """Why the file `path` is no image dataset, from its first bytes."""
+    magic = _read_magic(path)
+    if magic.startswith(b'PK'):
+        return f'{path} is a damaged or truncated zip file (its table of contents is unreadable): re-create or re-download it'
+    if magic.startswith(b'\x93NUMPY'):
+        return (f'{path} is a .npy file; an array dataset is a folder holding images.npy and dataset.json '
+                '(make one from your own array with dataset_tool.py import-noisy)')
+    if magic.startswith(b'\x1f\x8b') or magic.startswith(b'BZh') or magic.startswith(b'\xfd7zXZ'):
+        return f'{path} is a compressed archive (tar?); extract it, or give a CIFAR-10 tarball to dataset_tool.py convert'
+    if magic.startswith(b'\x89PNG') or magic.startswith(b'\xff\xd8'):
+        return f'{path} is a single image; give the folder or zip that holds the images'
+    return f'{path} is neither a folder nor a zip file'
+
+
+def load_npy(path: str, mmap: bool = True) -> np.ndarray:
+    """One .npy array (memory-mapped unless mmap=False), never unpickled; a file that is no .npy, holds Python
+    objects or is shorter than its header says is one UserError line."""
+    magic = _read_magic(path, 6)
+    if magic.startswith(b'PK'):
+        raise UserError(f'{path} is an .npz archive of several arrays, not one .npy array: save one with numpy.save')
+    if magic != b'\x93NUMPY':
+        raise UserError(f'{path} is not a .npy file (it does not begin with the NumPy header): save the array with numpy.save')
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    try:
+        with open(path, 'rb') as f:
+            read_header = readers.get(np.lib.format.read_magic(f))
+            header = read_header(f) if read_header else None  # a newer format: np.load alone checks it
+            offset = f.tell()
+    except (OSError, ValueError, EOFError) as e:
+        raise UserError(f'Cannot read {path}: a damaged .npy header ({_one_line(e)})')
+    if header is not None:
+        shape, _fortran, dtype = header
+        if dtype.hasobject:
+            raise UserError(f'{path} holds Python objects (dtype {dtype}), which are never loaded since that could '
+                            'run code: save a numeric array')
+        expected = offset + math.prod(shape) * dtype.itemsize
+        if os.path.getsize(path) < expected:
+            raise UserError(f'{path} is truncated: {os.path.getsize(path):,} bytes where its header promises {expected:,}')
+    try:
+        return np.load(path, mmap_mode='r' if mmap else None, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise UserError(f'Cannot read {path}: {_one_line(e)}')
 
 
 class ImageFiles:
@@ -48,14 +115,17 @@ class ImageFiles:
                      for root, _dirs, files in os.walk(self.path) for f in files]
         elif os.path.isfile(self.path) and zipfile.is_zipfile(self.path):
             self.kind = 'zip'
-            with zipfile.ZipFile(self.path) as z:
-                names = [n for n in z.namelist() if not n.endswith('/')]
+            try:
+                with zipfile.ZipFile(self.path) as z:
+                    names = [n for n in z.namelist() if not n.endswith('/')]
+            except (zipfile.BadZipFile, OSError, ValueError) as e:
+                raise UserError(f'{self.path} is a damaged zip file: {_one_line(e)}; re-create or re-download it')
             for name in names:
                 # Never trust a member name: '../x' or '/x' would point outside the archive's folder.
                 if name.startswith('/') or '..' in pathlib.PurePosixPath(name).parts or ':' in name or '\\' in name:
                     raise UserError(f'Zip entry {name!r} in {self.path} escapes its folder; refusing this archive')
         elif os.path.exists(self.path):
-            raise UserError(f'{self.path} is neither a folder nor a zip file')
+            raise UserError(_not_a_dataset_file(self.path))
         else:
             raise UserError(f'Dataset not found: {self.path}')
         self.all_names = set(names)
@@ -118,6 +188,7 @@ class Dataset(torch.utils.data.Dataset):
         self._name = name
         self._raw_shape = list(raw_shape)
         self._metadata = metadata
+        self._check_metadata()
         self._cache = cache
         self._cached_images: dict[int, np.ndarray] = {}
         self._raw_idx = np.arange(self._raw_shape[0], dtype=np.int64)
@@ -133,6 +204,26 @@ class Dataset(torch.utils.data.Dataset):
             self._raw_idx = np.tile(self._raw_idx, 2)
             self._xflip = np.concatenate([self._xflip, np.ones_like(self._xflip)])
         self._labels = self._prepare_labels(use_labels)
+
+    def _check_metadata(self) -> None:
+        """Refuse a dataset.json whose `sigma` or `source_indices` cannot be what our tools wrote."""
+        where = f'the dataset.json of {self.path}'
+        sigma = self._metadata.get('sigma')
+        if sigma is not None:
+            check_sigma(sigma, getattr(self, 'dtype', np.dtype(np.float32)), f'"sigma" in {where}',
+                        'the file is damaged or not ours')
+        indices = self._metadata.get('source_indices')
+        if indices is not None:
+            n = self._raw_shape[0]
+            if not isinstance(indices, list) or len(indices) != n or \
+                    not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in indices):
+                raise UserError(f'"source_indices" in {where} are not {n} non-negative integers (one per image); '
+                                'the file is damaged or not ours')
+
+    @property
+    def path(self) -> str:
+        """Where the dataset lives (a folder, zip or array dataset directory), as given."""
+        return self._path
 
     def _load_raw_image(self, raw_idx: int) -> np.ndarray:
         raise NotImplementedError
@@ -207,16 +298,20 @@ class Dataset(torch.utils.data.Dataset):
     def sigma(self) -> float | None:
         """Noise level of a noisy set in [-1, 1] pixel units; None for clean data."""
         sigma = self._metadata.get('sigma')
-        return None if sigma is None else float(sigma)
+        return None if sigma is None else float(sigma)  # checked in _check_metadata
 
 
-def _check_shape(name: str, shape: Sequence[int]) -> None:
+def check_image_shape(name: str, shape: Sequence[int]) -> None:
+    """UserError unless C x H x W images have 1 or 3 channels and are square, a power of two and at least MIN_RESOLUTION."""
     c, h, w = shape
     if c not in (1, 3):
         raise UserError(f'{name}: images must have 1 or 3 channels, found {c}')
     if h != w or h & (h - 1) != 0:
         raise UserError(f'{name}: images must be square with a power-of-two size, found {w}x{h}; '
                         'convert with dataset_tool.py convert --resolution')
+    if h < MIN_RESOLUTION:
+        raise UserError(f'{name}: images of {w}x{h} are below {MIN_RESOLUTION}x{MIN_RESOLUTION}, the smallest the '
+                        f'networks here take; convert with dataset_tool.py convert --resolution={MIN_RESOLUTION}x{MIN_RESOLUTION} or more')
 
 #----------------------------------------------------------------------------
 # PNG/JPEG files in a folder or zip (EDM layout).
@@ -233,7 +328,7 @@ class ImageFolderDataset(Dataset):
         name = os.path.splitext(os.path.basename(self._path.rstrip('/')))[0]
         first = image_to_array(self._files.load_image(self._files.names[0]))
         raw_shape = [len(self._files.names), *first.shape]
-        _check_shape(self._path, first.shape)
+        check_image_shape(self._path, first.shape)
         if resolution is not None and first.shape[1] != resolution:
             raise UserError(f'{self._path} holds {first.shape[1]}x{first.shape[1]} images, expected {resolution}x{resolution}')
         super().__init__(name=name, raw_shape=raw_shape, metadata=metadata, **super_kwargs)
@@ -290,7 +385,12 @@ class ArrayDataset(Dataset):
         if images.ndim != 4 or images.dtype not in ARRAY_DTYPES or images.shape[0] == 0:
             raise UserError(f'{self._images_path} must hold a non-empty N x C x H x W array of uint8, float16 or '
                             f'float32; found shape {list(images.shape)} {images.dtype}')
-        _check_shape(self._path, images.shape[1:])
+        stored = {'count': images.shape[0], 'channels': images.shape[1], 'resolution': images.shape[2], 'dtype': images.dtype.name}
+        for key, value in stored.items():
+            if key in metadata and metadata[key] != value:
+                raise UserError(f'{json_path} says "{key}" is {metadata[key]!r} but images.npy holds {value}; '
+                                'the two files do not belong together')
+        check_image_shape(self._path, images.shape[1:])
         if resolution is not None and images.shape[2] != resolution:
             raise UserError(f'{self._path} holds {images.shape[2]}x{images.shape[2]} images, expected {resolution}x{resolution}')
         name = os.path.basename(os.path.abspath(self._path))
@@ -300,10 +400,7 @@ class ArrayDataset(Dataset):
     def images(self) -> np.ndarray:
         """The stored N x C x H x W array (memory-mapped unless cached); rows are raw indices."""
         if self._images is None:
-            try:
-                self._images = np.load(self._images_path, mmap_mode=None if self._in_memory else 'r', allow_pickle=False)
-            except (OSError, ValueError, EOFError) as e:
-                raise UserError(f'Cannot read {self._images_path}: {_one_line(e)}')
+            self._images = load_npy(self._images_path, mmap=not self._in_memory)
         return self._images
 
     @property
@@ -318,8 +415,11 @@ class ArrayDataset(Dataset):
         labels = self._metadata.get('labels')
         if labels is None:
             return None
-        labels = np.array(labels)
-        if labels.shape[0] != self._raw_shape[0] or labels.ndim not in (1, 2):
+        try:
+            labels = np.array(labels)
+        except ValueError:
+            labels = np.array(None)
+        if labels.ndim not in (1, 2) or labels.shape[0] != self._raw_shape[0] or labels.dtype.kind not in 'iuf':
             raise UserError(f'dataset.json in {self._path}: "labels" must list one label per image')
         return labels
 
@@ -369,18 +469,70 @@ def open_dataset(path: str | Sequence[str], *, xflip: bool = False, max_size: in
     return ImageFolderDataset(path, **common)
 
 #----------------------------------------------------------------------------
+# What a path is, judged by names alone, and the originals a noisy set names.
+
+def dataset_kind(path: str) -> str | None:
+    """'array', 'folder' or 'zip' if `path` carries a dataset's markers (images.npy and dataset.json; dataset.json;
+    a zip holding dataset.json), else None. Lists nothing but a zip's table of contents."""
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, 'dataset.json')):
+            return 'array' if os.path.isfile(os.path.join(path, 'images.npy')) else 'folder'
+        return None
+    if os.path.isfile(path) and zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as z:
+                return 'zip' if 'dataset.json' in z.namelist() else None
+        except (zipfile.BadZipFile, OSError, ValueError):
+            return None
+    return None
+
+
+def _has_top_level_images(path: str) -> bool:
+    """A folder with a PNG/JPEG directly inside: one directory is scanned, no tree is walked."""
+    try:
+        with os.scandir(path) as entries:
+            return any(e.name.lower().endswith(IMAGE_EXTENSIONS) and e.is_file() for e in entries)
+    except OSError:
+        return False
+
+
+def _warn(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def originals_path(noisy: 'Dataset', on_missing: Callable[[str], None] = _warn) -> str | None:
+    """The clean originals a noisy set's dataset.json names in its field "originals", or None.
+
+    A relative path is relative to the noisy set's own directory. The path must be an image dataset: an
+    array dataset or a folder/zip with dataset.json; a relative one may also be a folder with images at its
+    top level or a zip. Nothing else is listed or read (a hostile "/usr/share" is refused at once). A path
+    that does not exist is not an error (the noisy set stays usable; what compares against the originals
+    is skipped): `on_missing` gets a one-line warning and None is returned. Anything else is a UserError.
+    """
+    value = noisy.metadata.get('originals')
+    where = f'field "originals" in the dataset.json of the noisy set {noisy.path}'
+    if value is None or value == '':
+        return None
+    if not isinstance(value, str):
+        raise UserError(f'The {where} must be a path (a string), found {value!r}')
+    path = value if os.path.isabs(value) else os.path.normpath(os.path.join(noisy.path, value))
+    if not os.path.exists(path):
+        on_missing(f'Warning: the {where} names {path}, which does not exist (moved or deleted?); '
+                   'going on without the originals, so nothing is compared with them')
+        return None
+    if dataset_kind(path) is None:
+        plain = not os.path.isabs(value) and (_has_top_level_images(path) or (os.path.isfile(path) and zipfile.is_zipfile(path)))
+        if not plain:
+            raise UserError(f'The {where} names {path}, which is not an image dataset (a folder or zip with dataset.json, '
+                            'or an array dataset); refusing to read it')
+    return path
+
+#----------------------------------------------------------------------------
 # Writing array datasets.
 
-def make_temp_dir(dest: str) -> str:
-    """A fresh hidden directory beside `dest`, with the permissions a plain mkdir would give."""
-    parent = os.path.dirname(os.path.abspath(dest))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f'.{os.path.basename(dest)}.', suffix='.tmp')
-    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private (0700)
-    return tmp
-
 def remove_temp_dirs(dest: str) -> None:
-    """Remove the temporary directories that make_temp_dir made for `dest` (of a writer killed midway)."""
+    """Remove every temporary directory '.NAME.*.tmp' beside `dest`, live writers' included: for a single
+    writer that knows it is alone (SFBD's merge on rank 0). make_temp_dir removes only dead processes' ones."""
     parent, base = os.path.split(os.path.abspath(dest))
     if os.path.isdir(parent):
         for name in os.listdir(parent):
@@ -403,13 +555,25 @@ class ArrayDatasetWriter:
         self.num_images = int(num_images)
         self.image_shape = [int(s) for s in image_shape]
         assert self.dtype in ARRAY_DTYPES and self.num_images >= 1 and len(self.image_shape) == 3
-        _check_shape(self.dest, self.image_shape)
+        check_image_shape(self.dest, self.image_shape)
+        if os.path.lexists(self.dest) and not os.path.isdir(self.dest):
+            raise UserError(f'{self.dest} exists and is a file; an array dataset is a folder: choose another destination')
         if os.path.exists(self.dest) and not overwrite:
             raise UserError(f'{self.dest} already exists; pass --overwrite to replace it')
         self.metadata = dict(metadata or {})
-        self._tmp = make_temp_dir(self.dest)
-        self._images = np.lib.format.open_memmap(os.path.join(self._tmp, 'images.npy'), mode='w+',
-                                                 dtype=self.dtype, shape=(self.num_images, *self.image_shape))
+        self.nbytes = self.num_images * int(np.prod(self.image_shape)) * self.dtype.itemsize
+        self._images = None
+        with disk_errors(self.dest, self.nbytes):
+            self._tmp = make_temp_dir(self.dest)
+            try:
+                path = os.path.join(self._tmp, 'images.npy')
+                self._images = np.lib.format.open_memmap(path, mode='w+', dtype=self.dtype,
+                                                         shape=(self.num_images, *self.image_shape))
+                with open(path, 'r+b') as f:
+                    preallocate(f, self._images.offset, self.nbytes)
+            except BaseException:
+                self.abort()
+                raise
         self._written = np.zeros(self.num_images, dtype=bool)
 
     def write(self, start: int, images: np.ndarray | torch.Tensor) -> None:
@@ -429,14 +593,19 @@ class ArrayDatasetWriter:
         if missing.size:
             self.abort()
             raise RuntimeError(f'{missing.size} of {self.num_images} rows were never written (first: {missing[0]})')
-        self._images.flush()
-        self._images = None
         c, h, _w = self.image_shape
         metadata = {'kind': 'array', **self.metadata, 'count': self.num_images, 'dtype': self.dtype.name,
                     'resolution': h, 'channels': c}
-        with atomic_write(os.path.join(self._tmp, 'dataset.json'), 'w') as f:
-            json.dump(metadata, f, default=json_default)
-        atomic_replace_dir(self._tmp, self.dest)
+        with disk_errors(self.dest, self.nbytes):
+            try:
+                self._images.flush()
+                self._images = None
+                with atomic_write(os.path.join(self._tmp, 'dataset.json'), 'w') as f:
+                    json.dump(metadata, f, default=json_default)
+                atomic_replace_dir(self._tmp, self.dest)
+            except BaseException:
+                self.abort()
+                raise
         return self.dest
 
     def abort(self) -> None:
@@ -457,12 +626,7 @@ class ArrayDatasetWriter:
 def assemble_array_dataset(dest: str, shards: Sequence[str], metadata: dict | None = None,
                            overwrite: bool = False, chunk: int = 4096) -> str:
     """Concatenate shard .npy files (each n_i x C x H x W, same dtype, in order) into an array dataset at `dest`."""
-    arrays = []
-    for path in shards:
-        try:
-            arrays.append(np.load(path, mmap_mode='r', allow_pickle=False))
-        except (OSError, ValueError, EOFError) as e:
-            raise UserError(f'Cannot read shard {path}: {_one_line(e)}')
+    arrays = [load_npy(path) for path in shards]
     assert arrays and all(a.ndim == 4 and a.shape[1:] == arrays[0].shape[1:] and a.dtype == arrays[0].dtype for a in arrays)
     total = sum(a.shape[0] for a in arrays)
     with ArrayDatasetWriter(dest, total, arrays[0].shape[1:], arrays[0].dtype, metadata, overwrite) as writer:
