@@ -14,7 +14,7 @@ import dnnlib
 from dnnlib.util import UserError
 from torch_utils import distributed, perf, rng
 from training import audit, checkpoint, generation, images, metrics, options, sampler, training_loop
-from training.dataset import Dataset, assemble_array_dataset, json_default, open_dataset, remove_temp_dirs
+from training.dataset import Dataset, assemble_array_dataset, json_default, open_dataset, originals_path, remove_temp_dirs
 from training.images import to_model_space
 from training.options import SFBDOptions
 
@@ -123,13 +123,13 @@ def _open_inputs(o: SFBDOptions, device: torch.device) -> dnnlib.EasyDict:
 
 def _originals(noisy: Dataset) -> Dataset | None:
     """The clean originals of a simulated noisy set (row i of both is the same image), or None if unknown."""
-    path = noisy.metadata.get('originals')
-    if not path or not os.path.exists(path):
+    path = originals_path(noisy, on_missing=distributed.print0)
+    if path is None:
         return None
     originals = open_dataset(path)
     if len(originals) != len(noisy) or originals.image_shape != noisy.image_shape:
-        raise UserError(f'The originals {path} named by the noisy set do not match it: {len(originals)} images of '
-                        f'{originals.image_shape}, the noisy set has {len(noisy)} of {noisy.image_shape}')
+        raise UserError(f'The originals {path} named by the field "originals" of the noisy set do not match it: '
+                        f'{len(originals)} images of {originals.image_shape}, the noisy set has {len(noisy)} of {noisy.image_shape}')
     return originals
 
 #----------------------------------------------------------------------------
