@@ -213,7 +213,7 @@ def format_table(results: dict) -> str:
     def num(v: float | None, fmt: str) -> str:
         return '-' if v is None else format(v, fmt)
     st = results['settings']
-    lines = [f'Frechet distance in pixel space to the noisy set's clean originals (lower is better), '
+    lines = [f'Frechet distance in pixel space to the clean originals of D_noisy (lower is better), '
              f'{results["schedule"]["eval_num"]} samples per model; E_k error against the originals '
              f'(noisy input: MSE {results["noisy_input_mse"]:.4f}, PSNR {10 * math.log10(4 / results["noisy_input_mse"]):.2f} dB). '
              f'sigma {st["sigma"]:g}, clean share {st["clean"]:g}, preset {st["preset"]}.', '',
