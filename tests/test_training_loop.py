@@ -533,3 +533,14 @@ def test_a_live_holder_on_this_machine_is_never_taken_over(tmp_path, data):
             tl.training_loop(str(run), break_lock=True, **tiny_options(data, total_kimg=0.008))
         assert os.listdir(run) == ['run.lock']
     assert os.listdir(run) == []
+
+
+def test_a_run_moved_together_with_its_data_resumes(tmp_path, data):
+    # SFBD's fine-tunes train on E_k beside their run directory; the whole SFBD run directory may move.
+    import shutil
+    shutil.copytree(data, tmp_path / 'a' / 'data')
+    tl.training_loop(str(tmp_path / 'a' / 'run'), **tiny_options(str(tmp_path / 'a' / 'data'), total_kimg=0.016))
+    shutil.move(tmp_path / 'a', tmp_path / 'b')
+    b = tmp_path / 'b'
+    tl.training_loop(str(b / 'run'), **tiny_options(str(b / 'data'), total_kimg=0.032, resume=str(b / 'run')))
+    assert _state(b / 'run')['cur_nimg'] == 32

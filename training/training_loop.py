@@ -186,12 +186,18 @@ def _truncate_stats(path: str, kimg: float) -> None:
             f.writelines(keep)
 
 
-def _absolute_paths(o: dict) -> dict:
-    """o with its data set paths absolute (as training_options.json records them), for comparisons."""
+def _absolute_paths(o: dict, now: dict | None = None) -> dict:
+    """o with its data set paths absolute (as training_options.json records them). Given the options
+    `now`, a path that moved together with the run directory (SFBD's E_k beside its fine-tune) counts
+    as the same path."""
     o = dict(o)
     for key in ('dataset_kwargs', 'mix_dataset_kwargs'):
         if isinstance(o.get(key), dict) and isinstance(o[key].get('path'), str):
-            o[key] = dict(o[key], path=os.path.abspath(o[key]['path']))
+            path = os.path.abspath(o[key]['path'])
+            if now is not None and isinstance((now.get(key) or {}).get('path'), str) and o.get('run_dir') and now.get('run_dir'):
+                if os.path.relpath(path, o['run_dir']) == os.path.relpath(now[key]['path'], now['run_dir']):
+                    path = now[key]['path']
+            o[key] = dict(o[key], path=path)
     return o
 
 
@@ -205,7 +211,7 @@ def _check_run_dir(run_dir: str, o: dict, resuming_here: bool) -> None:
         except (OSError, ValueError) as e:
             raise UserError(f'Cannot read {path}: {e}; remove it, or use another output directory')
         # A fresh start may draw a new seed; a resumed one takes the state's seed and weights.
-        changes = changed_options(_absolute_paths(old), o, RESUMABLE + (STATE_WINS if resuming_here else ('seed',)))
+        changes = changed_options(_absolute_paths(old, o), o, RESUMABLE + (STATE_WINS if resuming_here else ('seed',)))
         if changes:
             raise UserError(f'{run_dir} holds a training run with other options ({format_changes(changes)}); '
                             'rerun with that run\'s options to continue it, or use another output directory')
@@ -348,7 +354,8 @@ def _open_data(o: dict) -> tuple[Dataset, Dataset | None, int]:
         check_finite_images(mix, f'The mix data set {o["mix_dataset_kwargs"].get("path")}')
         if (mix.image_shape, mix.label_dim) != (dataset.image_shape, dataset.label_dim):
             raise UserError(f'The mix data set has images {mix.image_shape} and {mix.label_dim} label dims; '
-                            f'the training set has {dataset.image_shape} and {dataset.label_dim}')
+                            f'the training set has {dataset.image_shape} and {dataset.label_dim}: give a mix set of the same '
+                            'resolution, channels and labels')
     return dataset, mix, num_mix
 
 
@@ -358,7 +365,7 @@ def _load_start(o: dict, resume_path: str | None, transfer: Any, dataset: Datase
     if resume_path is not None:
         distributed.print0(f'Loading training state from "{resume_path}"...')
         state = checkpoint.load_training_state(resume_path)
-        recorded = _absolute_paths(state.get('options') or {})
+        recorded = _absolute_paths(state.get('options') or {}, o)
         if transfer is not None:
             distributed.print0('Resuming: the state continues the transferred run, so its weights are used, not --transfer\'s')
         # The seed keys the data order and the noise: only the state's own continues the run exactly (so
@@ -370,9 +377,9 @@ def _load_start(o: dict, resume_path: str | None, transfer: Any, dataset: Datase
                 o[key] = recorded[key]
         changes = changed_options(recorded, o, RESUMABLE + STATE_WINS) if recorded else []
         if changes:
-            raise UserError(f'--resume: {resume_path} was trained with other options ({format_changes(changes)}); give its options '
-                            '(only the duration, tick, --snap, --dump, --keep and speed options may change), or start a new run '
-                            'from its weights with --transfer')
+            raise UserError(f'Cannot resume {resume_path}: it was trained with other options ({format_changes(changes)}); give its '
+                            'options (only the duration, --tick, --snap, --dump, --keep and speed options may change), or start '
+                            'a new run elsewhere, from its weights with --transfer')
         return state, None
     if transfer is None:
         return None, None
