@@ -142,10 +142,12 @@ class SFBDOptions:
             raise UserError(f'--iters must be at least 1, got {self.iters}')
         if not 0 <= self.clean_mix < 1:
             raise UserError(f'--clean-mix must be in [0, 1), got {self.clean_mix}')
-        for name in ('pretrain_kimg', 'finetune_kimg', 'finetune_lr', 'finetune_lr_rampup_kimg', 'finetune_ema_halflife_kimg', 'sigma'):
+        flags = dict(pretrain_kimg='--pretrain-kimg', finetune_kimg='--finetune-kimg', finetune_lr='--ft-lr',
+                     finetune_lr_rampup_kimg='--ft-lr-rampup', finetune_ema_halflife_kimg='--ft-ema', sigma='--sigma')
+        for name, flag in flags.items():
             value = getattr(self, name)
-            if value is not None and not (math.isfinite(value) and value >= 0):
-                raise UserError(f'--{name.replace("_", "-")} must be a finite non-negative number, got {value}')
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise UserError(f'{name} ({flag}) must be a finite non-negative number, got {value}')
         for name, low in dict(denoise_steps=2, denoise_batch=1, eval_every=0, eval_num=2, eval_steps=2, eval_batch=1,
                               grid_num=0, strip_num=0, seed=0).items():
             value = getattr(self, name)
@@ -273,6 +275,8 @@ def training_kwargs(t: TrainOptions, device: torch.device | str) -> dict:
     precision (resolved for `device`), fast path and bookkeeping; no data set, duration, seed or starting weights."""
     if t.arch not in ARCHS or t.precond not in PRECONDS:
         raise UserError(f'Unknown --arch {t.arch!r} or --precond {t.precond!r}: use {"/".join(ARCHS)} and {"/".join(PRECONDS)}')
+    if not 0 <= t.augment <= 1:  # checked here: NaN would silently mean no augmentation
+        raise UserError(f'--augment must be a probability in [0, 1], got {t.augment}')
     precision = perf.resolve_precision(t.precision, device, fp16=t.fp16)
     network_class, loss_class = PRECONDS[t.precond]
     network_kwargs = dict(class_name=network_class, **ARCHS[t.arch])
