@@ -499,8 +499,8 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path, data, capsys):
     run = tmp_path / 'run'
     run.mkdir()
     dead = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'], capture_output=True, text=True)
-    pid = int(dead.stdout)  # that process has exited: its pid is no longer running
-    (run / 'run.lock').write_text(json.dumps(dict(lock.machine(), pid=pid, started='earlier', command='killed run')))
+    pid = int(dead.stdout)  # that process has exited; should the pid be reused, the start time tells them apart
+    (run / 'run.lock').write_text(json.dumps(dict(lock.machine(), pid=pid, process_start=1.0, started='earlier', command='killed run')))
     tl.training_loop(str(run), **tiny_options(data, total_kimg=0.008))
     assert f'Took over the lock of {run} from pid {pid}' in capsys.readouterr().out
     assert not (run / 'run.lock').exists() and (run / 'training_options.json').exists()
@@ -544,3 +544,21 @@ def test_a_run_moved_together_with_its_data_resumes(tmp_path, data):
     b = tmp_path / 'b'
     tl.training_loop(str(b / 'run'), **tiny_options(str(b / 'data'), total_kimg=0.032, resume=str(b / 'run')))
     assert _state(b / 'run')['cur_nimg'] == 32
+
+
+def test_only_one_process_replaces_a_stale_lock(tmp_path):
+    from torch_utils import lock
+    run = tmp_path / 'run'
+    run.mkdir()
+    pid = int(subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'], capture_output=True, text=True).stdout)
+    (run / 'run.lock').write_text(json.dumps(dict(lock.machine(), pid=pid, process_start=1.0, started='earlier', command='killed run')))
+    (run / 'run.lock.takeover').touch()  # another process is replacing the stale lock right now
+    with pytest.raises(UserError, match=f'another process is taking over the stale lock of pid {pid}'):
+        lock.RunLock(str(run)).acquire()
+    old = time.time() - 120  # that takeover was itself killed midway, a minute ago
+    os.utime(run / 'run.lock.takeover', (old, old))
+    held = lock.RunLock(str(run))
+    held.acquire()
+    assert json.loads((run / 'run.lock').read_text())['pid'] == os.getpid()
+    held.release()
+    assert os.listdir(run) == []

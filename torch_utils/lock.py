@@ -132,6 +132,7 @@ class RunLock:
 
     def acquire(self) -> None:
         """Create the run directory if needed and take the lock, or raise the one-line UserError."""
+        self._stop.clear()
         created = self._make_dir()
         try:
             if not self._create():
