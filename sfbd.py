@@ -3,6 +3,7 @@
 import click
 
 from dnnlib.cli import AUTO_HELP, DETECTOR_HELP, INFERENCE_PRECISION_HELP, check_writable_dir, config_option, grid_option, train_options
+from dnnlib.util import UserError
 from torch_utils import distributed, perf
 from training import options, plan, sfbd
 from training.options import FINETUNE_DATA, SFBDOptions, TrainOptions
@@ -20,7 +21,8 @@ D = SFBDOptions(clean='', noisy='', train_kwargs={})  # the defaults
 @click.option('--noisy',         help='Noisy set D_noisy: array dataset whose dataset.json gives sigma (dataset_tool.py corrupt / import-noisy)', metavar='DIR', type=str, required=True)
 @click.option('--sigma',         help='Expected noise level sigma_tau in [-1, 1] pixel units; an error if the noisy set says otherwise  [default: the noisy set\'s]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
 @click.option('--pretrained',    help='Skip pretraining; start from this network (snapshot, training state, or official EDM .pkl - a pickle can run code from the file: trusted files only). Its own architecture is kept', metavar='PT|PKL|URL', type=str)
-@click.option('--pretrain-kimg', help='Pretraining on D_clean, thousands of images', metavar='KIMG', type=click.FloatRange(min=0, min_open=True), default=D.pretrain_kimg)
+@click.option('--pretrain-kimg', help='Pretraining on D_clean, thousands of images (not with --pretrained)', metavar='KIMG', type=click.FloatRange(min=0, min_open=True), default=D.pretrain_kimg)
+@click.option('--break-lock',    help='Take over the run directory from a process on another machine that holds its lock (only when that process is gone)', is_flag=True)
 
 # Iterations.
 @click.option('--iters',         help='Number K of SFBD iterations', metavar='K', type=click.IntRange(min=1), default=D.iters)
@@ -64,7 +66,10 @@ def main(**kwargs) -> None:
     backward from sigma_tau to 0 with model k-1, giving E_k; (b) fine-tunes model k-1 on D_clean and
     E_k (--finetune-data); (c) measures FID against --fid-ref and, for simulated noisy sets, the error of E_k against the
     originals. Denoising, training and FID generation are sharded over the processes of torchrun.
-    Killed at any point, the same command resumes where it stopped.
+    Killed at any point, the same command resumes where it stopped. The run directory is locked
+    while a run writes it (run.lock): a second process on it stops with a line naming the first; a
+    lock left by a killed process on this machine is taken over, one of another machine (shared
+    file system) after an hour without its heartbeat, or with --break-lock.
 
     The network options below (--arch ... --keep) are train.py's; they apply to pretraining and
     fine-tuning (--channels-last and --compile also to denoising and generation). Run directory:
@@ -84,8 +89,11 @@ def main(**kwargs) -> None:
     python sfbd.py --config=tiny --outdir=sfbd-runs/tiny --clean=CLEAN --noisy=NOISY --fid-ref=REF --detector=pixels
     """
     t = TrainOptions.take(kwargs)
-    run_dir, dry_run = kwargs.pop('run_dir'), kwargs.pop('dry_run')
+    run_dir, dry_run, break_lock = kwargs.pop('run_dir'), kwargs.pop('dry_run'), kwargs.pop('break_lock')
     kwargs.pop('config')
+    given = click.get_current_context().get_parameter_source('pretrain_kimg') == click.core.ParameterSource.COMMANDLINE
+    if kwargs['pretrained'] is not None and given:
+        raise UserError('--pretrain-kimg has no effect with --pretrained (pretraining is skipped): drop one of them')
     distributed.init()
     check_writable_dir(run_dir, '--outdir')
     o = options.sfbd_options(t, distributed.device(), **kwargs)
@@ -94,7 +102,7 @@ def main(**kwargs) -> None:
         distributed.print0(plan.format_plan(plan.plan_sfbd(o)))
         distributed.print0('Dry run; nothing written.')
         return
-    sfbd.run_sfbd(run_dir, **vars(o))
+    sfbd.run_sfbd(run_dir, break_lock=break_lock, **vars(o))
     distributed.cleanup()
 
 #----------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import sfbd as sfbd_cli
 from tests.conftest import run_python
 from torch_utils import perf
 from training import checkpoint, data_prep, metrics, options, sampler, sfbd, training_loop
-from training.dataset import open_dataset
+from training.dataset import ArrayDatasetWriter, open_dataset
 from training.images import to_model_space, to_uint8
 from training.networks import EDMPrecond
 
@@ -43,10 +43,10 @@ def data(tmp_path_factory) -> dict:
 
 
 def cli_args(data: dict, outdir, *extra: str) -> list[str]:
-    """The tiny preset, two iterations, short phases; states dumped every 4 steps so a resume has one; fp32
-    throughout (the exact reference mode: the byte-equality checks below compare runs)."""
+    """The tiny preset (pretraining 1 kimg), two iterations, short phases; states dumped every 4 steps so a
+    resume has one; fp32 throughout (the exact reference mode: the byte-equality checks below compare runs)."""
     return ['--config=tiny', '--precision=fp32', f'--outdir={outdir}', f'--clean={data["clean"]}', f'--noisy={data["noisy"]}',
-            f'--fid-ref={data["ref"]}', '--detector=pixels', '--pretrain-kimg=1', '--iters=2', '--finetune-kimg=0.128',
+            f'--fid-ref={data["ref"]}', '--detector=pixels', '--iters=2', '--finetune-kimg=0.128',
             '--tick=0.032', '--dump=2', '--denoise-steps=8', '--denoise-batch=12', '--eval-num=128', '--eval-steps=8',
             '--grid=16', '--strip=6', *extra]
 
@@ -168,9 +168,12 @@ def test_finetunes_train_on_the_union_of_clean_and_denoised_by_default(run_a, da
     assert options['mix_dataset_kwargs'] is None and options['mix_fraction'] == 0
 
 
+TRAIN_KWARGS = dict(network_kwargs=dict(class_name='training.networks.EDMPrecond'))
+
+
 @pytest.mark.parametrize('mode, path, mix', [('union', ['C', 'E'], None), ('denoised', 'E', None), ('mix', 'E', 'C')])
 def test_finetune_data_modes(mode, path, mix):
-    o = options.SFBDOptions(clean='C', noisy='N', train_kwargs=dict(batch_size=16), finetune_data=mode,
+    o = options.SFBDOptions(clean='C', noisy='N', train_kwargs=dict(TRAIN_KWARGS, batch_size=16), finetune_data=mode,
                             clean_mix=0.25 if mode == 'mix' else 0)
     o.check()
     ft = options.finetune_kwargs(o, 3, 'net.pt', 'E')
@@ -181,7 +184,7 @@ def test_finetune_data_modes(mode, path, mix):
 @pytest.mark.parametrize('mode, clean_mix', [('union', 0.5), ('denoised', 0.1), ('mix', 0)])
 def test_clean_mix_goes_with_mix_only(mode, clean_mix):
     with pytest.raises(dnnlib.UserError, match='--finetune-data=mix'):
-        options.SFBDOptions(clean='C', noisy='N', train_kwargs={}, finetune_data=mode, clean_mix=clean_mix).check()
+        options.SFBDOptions(clean='C', noisy='N', train_kwargs=TRAIN_KWARGS, finetune_data=mode, clean_mix=clean_mix).check()
 
 
 def test_schedule_warns_when_the_warmup_outlasts_a_finetune():
@@ -406,3 +409,183 @@ def test_more_iterations_extend_a_finished_run(run_a, data, tmp_path):
     assert len(_BatchSpy.runs) == 1  # only fine-tune 3 trained: pretraining and iterations 1, 2 were done
     assert [r['k'] for r in read_records(run_c)] == [0, 1, 2, 3]
     assert read_records(run_c)[:3] == read_records(run_a['dir'])
+
+#----------------------------------------------------------------------------
+# One process per run directory.
+
+# An sfbd.py process that holds its run directory: it waits in Algorithm 1 until RELEASE exists.
+_HOLDER = '''
+import os, sys, time
+from training import sfbd
+def wait(o, run):
+    open(os.environ['READY'], 'w').close()
+    deadline = time.time() + 120
+    while not os.path.exists(os.environ['RELEASE']) and time.time() < deadline:
+        time.sleep(0.1)
+    return 'held'
+sfbd._algorithm1 = wait
+import sfbd as cli
+cli.main(sys.argv[1:])
+'''
+
+
+def test_a_second_sfbd_process_on_one_outdir_is_refused(data, tmp_path):
+    from tests.test_train_cli import one_error_line, start_holder
+    run = tmp_path / 'run'
+    args = cli_args(data, run)
+    holder = start_holder(_HOLDER, args, tmp_path)
+    try:
+        os.makedirs(run / 'pretrain')  # what the holder would be training in
+        before = {f: os.path.getmtime(run / f) for f in os.listdir(run)}
+        second = run_python(['sfbd.py', *args], check=False, env={'OMP_NUM_THREADS': '1'})
+        line = one_error_line(second.stdout + second.stderr)
+        assert second.returncode == 1 and f'{run} is in use by another process: pid {holder.pid} on host' in line
+        assert {f: os.path.getmtime(run / f) for f in os.listdir(run)} == before  # nothing deleted, nothing written
+    finally:
+        (tmp_path / 'release').touch()
+        out = holder.communicate(timeout=120)[0]
+    assert holder.returncode == 0, out[-3000:]
+    assert sorted(os.listdir(run)) == ['log.txt', 'pretrain', 'sfbd_options.json']  # the lock released
+
+
+class _NaNNet(_Identity):
+    def forward(self, x, sigma, class_labels=None):
+        return x * float('nan')
+
+
+def test_denoising_never_stores_non_finite_images(data, tmp_path):
+    noisy = open_dataset(data['noisy'])
+    kwargs = dict(sigma_tau=SIGMA, num_steps=8, solver='ode', seed=0, k=1, batch_size=16)
+    with pytest.raises(click.ClickException, match='model 0 gave values that are not finite for 4 chunk'):
+        sfbd.denoise_dataset(_NaNNet(), noisy, str(tmp_path / 'E'), **kwargs)
+    assert not os.path.exists(tmp_path / 'E') and os.listdir(tmp_path / 'E.parts') == []
+    images = noisy.images.copy()
+    images[20, 0, 1, 1] = np.inf
+    bad = write_array_set(str(tmp_path / 'inf'), images, noisy.metadata)
+    with pytest.raises(click.ClickException, match='1 chunk\\(s\\) of the noisy set hold values that are not finite'):
+        sfbd.denoise_dataset(_Identity(), open_dataset(bad), str(tmp_path / 'F'), **kwargs)
+    assert len(os.listdir(tmp_path / 'F.parts')) == 3 and not os.path.exists(tmp_path / 'F')  # the good chunks are kept
+
+
+def write_array_set(dest: str, images: np.ndarray, metadata: dict) -> str:
+    """An array dataset of `images` with another set's metadata (less the keys the writer sets itself)."""
+    meta = {k: v for k, v in metadata.items() if k not in ('kind', 'count', 'dtype', 'resolution', 'channels', 'labels')}
+    with ArrayDatasetWriter(dest, len(images), list(images.shape[1:]), images.dtype, metadata=meta) as w:
+        w.write(0, images)
+    return dest
+
+
+#----------------------------------------------------------------------------
+# Bad input: a battery. Every case is one line naming the input and the fix, exit 1 (2 for click's usage
+# errors), no traceback, and no run directory left behind.
+
+def _noisy_variant(data: dict, dest, sigma=SIGMA, values=None) -> str:
+    """A copy of the noisy set whose dataset.json says `sigma` (any JSON value) and whose values are `values`."""
+    noisy = open_dataset(data['noisy'])
+    images = noisy.images.copy() if values is None else values(noisy.images.copy())
+    write_array_set(str(dest), images, noisy.metadata)
+    meta = json.load(open(os.path.join(dest, 'dataset.json')))
+    meta['sigma'] = sigma
+    json.dump(meta, open(os.path.join(dest, 'dataset.json'), 'w'))
+    return str(dest)
+
+
+@pytest.fixture(scope='module')
+def bad(data, tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp('bad-sfbd')
+    tiny = dict(model_channels=8, channel_mult=[1], num_blocks=1, attn_resolutions=[])
+    checkpoint.save_network(str(root / 'net16.pt'), EDMPrecond(img_resolution=16, img_channels=1, **tiny))
+    checkpoint.save_network(str(root / 'cond.pt'), EDMPrecond(img_resolution=8, img_channels=1, label_dim=10, **tiny))
+    checkpoint.save_network(str(root / 'plain8.pt'), EDMPrecond(img_resolution=8, img_channels=1, **tiny))
+    nan_net = EDMPrecond(img_resolution=8, img_channels=1, **tiny)
+    with torch.no_grad():
+        next(nan_net.parameters()).fill_(float('nan'))
+    checkpoint.save_network(str(root / 'nan.pt'), nan_net)
+    (root / 'junk.pt').write_bytes(b'\x80junk')
+    (root / 'file').write_text('')
+    os.makedirs(root / 'bare')
+    np.save(root / 'bare' / 'images.npy', np.zeros([4, 1, 8, 8], np.float32))
+    data_prep.convert_dataset('sklearn-digits', str(root / 'big'), resolution='16x16', max_images=4, verbose=False)
+    with open(root / 'ref10.npz', 'wb') as f:
+        np.savez(f, mu=np.zeros(10), sigma=np.eye(10))
+    d = dict(root=str(root), **{k: v for k, v in data.items()})
+    for name, sigma in [('huge', 1e308), ('text', 'abc'), ('bool', True), ('negative', -0.2), ('grey', 25.5), ('tiny', 0.01)]:
+        d[f'sigma-{name}'] = _noisy_variant(data, root / f'sigma-{name}', sigma=sigma)
+    d['nan'] = _noisy_variant(data, root / 'nan', values=lambda x: x * np.nan)
+    d['u255'] = _noisy_variant(data, root / 'u255', values=lambda x: (x + 1) * 127.5)
+    return d
+
+
+SFBD_CASES = {
+    # bad paths and wrong kinds of data
+    'clean missing': (['--clean={root}/nope'], 1, ['Dataset not found', '/nope']),
+    'noisy missing': (['--noisy={root}/nope'], 1, ['Dataset not found', '/nope']),
+    'noisy without metadata': (['--noisy={root}/bare'], 1, ['{root}/bare', 'needs images.npy and dataset.json']),
+    'clean images as noisy': (['--noisy={clean}'], 1, ['{clean} has no noise level', 'dataset_tool.py corrupt']),
+    'noisy as clean': (['--clean={noisy}'], 1, ['--clean={noisy} is a noisy set', 'give the clean images']),
+    'mismatched resolutions': (['--clean={root}/big'], 1, ['clean set holds 16x16', 'the noisy set 8x8']),
+    # hostile noisy-set dataset.json and values
+    # (refused when the data set is opened: its noise would overflow float32 pixels)
+    'sigma huge': (['--noisy={sigma-huge}'], 1, ['{sigma-huge}', '"sigma"', '1e+308', 'overflows']),
+    'sigma text': (['--noisy={sigma-text}'], 1, ['{sigma-text}', '"sigma"', "found 'abc'", 'positive finite number']),
+    'sigma bool': (['--noisy={sigma-bool}'], 1, ['"sigma"', 'found True', 'positive finite number']),
+    'sigma negative': (['--noisy={sigma-negative}'], 1, ['"sigma"', 'found -0.2', 'positive finite number']),
+    'sigma in grey levels': (['--noisy={sigma-grey}'], 1, ['"sigma": 25.5', 'divided by 127.5']),
+    'sigma below the network': (['--noisy={sigma-tiny}', '--precond=ve'], 1, ['sigma_tau=0.01', '[0.02, 80]', 'another --precond']),
+    'noisy all NaN': (['--noisy={nan}'], 1, ['--noisy={nan}', 'not finite', 'fix the data set']),
+    'noisy in 0..255': (['--noisy={u255}'], 1, ['--noisy={u255}', 'std', 'u / 127.5 - 1']),
+    'sigma contradicted': (['--sigma=0.3'], 1, ['--sigma=0.3 contradicts', 'drop --sigma']),
+    'sigma nan': (['--sigma=nan'], 1, ['--sigma', 'finite']),
+    # a pretrained network that does not fit
+    'pretrained other resolution': (['--pretrained={root}/net16.pt'], 1, ['takes 16x16 images', '8x8']),
+    'pretrained missing': (['--pretrained={root}/nope.pt'], 1, ['No such file', 'nope.pt']),
+    'pretrained junk': (['--pretrained={root}/junk.pt'], 1, ['junk.pt', 'not a network file']),
+    'pretrained conditional': (['--pretrained={root}/cond.pt'], 1, ['cond.pt is class-conditional', 'unconditional']),
+    'pretrained NaN weights': (['--pretrained={root}/nan.pt'], 1, ['--pretrained={root}/nan.pt', 'not finite', 'trained well']),
+    'pretrained without augment labels': (['--pretrained={root}/plain8.pt', '--augment=0.12'], 1, ['without augmentation labels', '--augment=0']),
+    # non-finite and out-of-range numbers
+    'pretrain-kimg nan': (['--pretrain-kimg=nan'], 1, ['--pretrain-kimg', 'finite']),
+    'finetune-kimg inf': (['--finetune-kimg=inf'], 1, ['--finetune-kimg', 'finite']),
+    'ft-lr nan': (['--ft-lr=nan'], 1, ['--ft-lr', 'finite']),
+    'ft-ema inf': (['--ft-ema=inf'], 1, ['--ft-ema', 'finite']),
+    'lr inf': (['--lr=inf'], 1, ['lr (--lr)', 'finite']),
+    'ema inf': (['--ema=inf'], 1, ['ema_halflife_kimg (--ema)', 'finite']),
+    'tick nan': (['--tick=nan'], 1, ['kimg_per_tick (--tick)', 'finite']),
+    'dropout nan': (['--dropout=nan'], 1, ['dropout (--dropout)', 'in [0, 1]']),
+    'clean-mix nan': (['--clean-mix=nan'], 1, ['--clean-mix', '[0, 1)']),
+    'clean-mix one': (['--clean-mix=1'], 2, ["'--clean-mix'"]),
+    'iters zero': (['--iters=0'], 2, ["'--iters'"]),
+    # conflicting flags and networks that cannot be built
+    'pretrain-kimg with pretrained': (['--pretrained={root}/plain8.pt', '--pretrain-kimg=5'], 1, ['--pretrain-kimg has no effect with --pretrained', 'drop one']),
+    'attn at no resolution': (['--attn=7'], 1, ['--attn=7', 'pick from them']),
+    'too many levels': (['--cres=1,2,2,2,2'], 1, ['cannot run on 8x8 images', 'fewer --cres levels']),
+    # evaluation
+    'ref of another detector size': (['--fid-ref={root}/ref10.npz'], 1, ['10-d statistics']),
+    'ref missing': (['--fid-ref={root}/nope.npz'], 1, ['No such file', 'nope.npz']),
+    'detector unknown': (['--detector=nonsense'], 1, ["No detector 'nonsense'", 'use inception']),
+    # unwritable destinations
+    'outdir is a file': (['--outdir={root}/file'], 1, ['--outdir={root}/file is a file', 'give a directory']),
+    'outdir under a file': (['--outdir={root}/file/run'], 1, ['--outdir={root}/file/run cannot be written']),
+}
+
+
+@pytest.mark.parametrize('case', list(SFBD_CASES))
+def test_bad_input_battery(bad, tmp_path, case):
+    from tests.test_train_cli import _one_line_error
+    from click.testing import CliRunner
+    args, code, matches = SFBD_CASES[case]
+    out = tmp_path / 'out'
+    res = CliRunner().invoke(sfbd_cli.main, cli_args(bad, out) + [a.format(**bad) for a in args])
+    _one_line_error(res, *[m.format(**bad) for m in matches], code=code)
+    assert not out.exists() and sorted(os.listdir(tmp_path)) == []  # no run directory left behind
+
+
+@pytest.mark.parametrize('name', ['/sys/kernel', '/sys/sfbd-run'])
+def test_unwritable_outdir_is_one_line(data, name):
+    from tests.test_train_cli import _one_line_error, _unwritable_dir
+    from click.testing import CliRunner
+    if _unwritable_dir() is None:
+        pytest.skip('no directory here that cannot be written')
+    res = CliRunner().invoke(sfbd_cli.main, cli_args(data, name))
+    _one_line_error(res, name, 'writ')
+    assert not os.path.exists('/sys/sfbd-run')

@@ -2,14 +2,22 @@
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
 import train
+from tests.conftest import ROOT, free_port, run_python
 from tests.test_training_loop import make_image_folder, tiny_options
 from torch_utils import perf
-from training import training_loop
+from training import checkpoint, training_loop
+from training.dataset import ArrayDatasetWriter
+from training.networks import EDMPrecond
 
 pytestmark = pytest.mark.usefixtures('one_thread')  # tests/conftest.py
 
@@ -40,10 +48,13 @@ def native_bf16() -> str:
     return 'bf16' if flags & {'amx_bf16', 'avx512_bf16'} else 'fp32'
 
 
-def _one_line_error(res, match: str) -> None:
-    assert res.exit_code == 1 and 'Traceback' not in res.output, res.output
+def _one_line_error(res, *matches: str, code: int = 1) -> None:
+    """click's own exit (code 1: our UserError, 2: a usage error), not an exception escaping as a traceback,
+    and exactly one 'Error:' line holding every one of `matches` (the input and the fix)."""
+    assert isinstance(res.exception, SystemExit) and res.exit_code == code, (res.exception, res.output)
+    assert 'Traceback' not in res.output, res.output
     lines = [line for line in res.output.splitlines() if line.startswith('Error:')]
-    assert len(lines) == 1 and match in lines[0], res.output
+    assert len(lines) == 1 and all(m in lines[0] for m in matches), res.output
 
 #----------------------------------------------------------------------------
 
@@ -106,7 +117,9 @@ def test_tiny_run_makes_numbered_run_directories(tmp_path, data):
     p = native_bf16()  # the default --precision=auto
     assert runs == [f'00000-images-uncond-ddpmpp-edm-gpus1-batch16-{p}-x', f'00001-images-uncond-ddpmpp-edm-gpus1-batch16-{p}-x']
     files = set(os.listdir(tmp_path / runs[0]))
-    assert {'training_options.json', 'log.txt', 'stats.jsonl', 'network-snapshot-000000.pt', 'training-state-000000.pt'} <= files
+    # 50 images at batch 16 end after 4 steps, 64 images: below 1 kimg the names carry the images.
+    assert {'training_options.json', 'log.txt', 'stats.jsonl', 'network-snapshot-000000.064.pt', 'training-state-000000.064.pt'} <= files
+    assert 'run.lock' not in files  # released at the end
     log = (tmp_path / runs[0] / 'log.txt').read_text()
     assert 'Training images: 16' in log and 'sec/kimg' in log and 'Training options:' not in log
 
@@ -144,3 +157,222 @@ def test_transfer_to_other_resolution(tmp_path, data):
 ])
 def test_conflicting_options(tmp_path, data, args, match):
     _one_line_error(_run('--config=tiny', f'--outdir={tmp_path}', f'--data={data}', *args), match)
+
+#----------------------------------------------------------------------------
+# One process per run directory.
+
+# A train.py process that holds its run directory: it waits in the training loop until RELEASE exists.
+_HOLDER = '''
+import os, sys, time
+from training import training_loop
+def wait(*args, **kwargs):
+    open(os.environ['READY'], 'w').close()
+    deadline = time.time() + 120
+    while not os.path.exists(os.environ['RELEASE']) and time.time() < deadline:
+        time.sleep(0.1)
+    return 'held'
+training_loop._train = wait
+import train
+train.main(sys.argv[1:])
+'''
+
+
+def start_holder(script: str, args: list[str], tmp_path) -> subprocess.Popen:
+    """Start `script` with `args` in a process; return once it holds its lock (READY exists)."""
+    env = {**os.environ, 'PYTHONPATH': ROOT, 'CUDA_VISIBLE_DEVICES': '', 'OMP_NUM_THREADS': '1',
+           'READY': str(tmp_path / 'ready'), 'RELEASE': str(tmp_path / 'release')}
+    holder = subprocess.Popen([sys.executable, '-c', script, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / 'ready').exists():
+        assert holder.poll() is None and time.time() < deadline, holder.communicate()[0][-3000:]
+        time.sleep(0.1)
+    return holder
+
+
+def one_error_line(text: str) -> str:
+    lines = [line for line in text.splitlines() if line.startswith('Error:')]
+    assert len(lines) == 1 and 'Traceback' not in text, text[-3000:]
+    return lines[0]
+
+
+def test_a_second_process_on_a_nosubdir_run_is_refused(tmp_path, data):
+    run = tmp_path / 'run'
+    args = ['--config=tiny', f'--outdir={run}', '--nosubdir', f'--data={data}', '--seed=1']
+    holder = start_holder(_HOLDER, args, tmp_path)
+    try:
+        before = {f: os.path.getmtime(run / f) for f in os.listdir(run)}
+        second = run_python(['train.py', *args], check=False, env={'OMP_NUM_THREADS': '1'})
+        line = one_error_line(second.stdout + second.stderr)
+        assert second.returncode == 1
+        assert f'{run} is in use by another process: pid {holder.pid} on host' in line
+        assert f'command: {sys.executable} -c {" ".join(args)}' in line  # how the holder was started
+        assert {f: os.path.getmtime(run / f) for f in os.listdir(run)} == before  # the holder's files untouched
+    finally:
+        (tmp_path / 'release').touch()
+        out = holder.communicate(timeout=120)[0]
+    assert holder.returncode == 0, out[-3000:]
+    assert 'run.lock' not in os.listdir(run)
+
+
+def test_under_torchrun_every_rank_gives_the_same_line(tmp_path, data):
+    from torch_utils import lock
+    run = tmp_path / 'run'
+    held = lock.RunLock(str(run))
+    held.acquire()
+    try:
+        cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_addr=127.0.0.1',
+               f'--master_port={free_port()}', 'train.py', '--config=tiny', f'--outdir={run}', '--nosubdir', f'--data={data}', '--seed=1']
+        env = {**os.environ, 'CUDA_VISIBLE_DEVICES': '', 'OMP_NUM_THREADS': '1', 'PYTHONPATH': ROOT}
+        res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        held.release()
+    lines = [line for line in (res.stdout + res.stderr).splitlines() if line.startswith('Error:')]
+    assert res.returncode != 0 and len(lines) == 2 and lines[0] == lines[1], res.stdout[-3000:] + res.stderr[-3000:]
+    assert f'in use by another process: pid {os.getpid()}' in lines[0]
+    assert os.listdir(run) == []  # rank 0 wrote nothing, and no other rank did
+
+
+# train.py in a process that SIGKILLs itself right after writing its first training state.
+_KILLED_AFTER_STATE = '''
+import os, signal, sys
+from training import checkpoint
+save = checkpoint.save_training_state
+def save_and_die(path, **kwargs):
+    save(path, **kwargs)
+    os.kill(os.getpid(), signal.SIGKILL)
+checkpoint.save_training_state = save_and_die
+import train
+train.main(sys.argv[1:])
+'''
+
+
+def _ticks(run_dir) -> list[float]:
+    return [json.loads(line)['Progress/kimg']['mean'] for line in open(os.path.join(run_dir, 'stats.jsonl'))]
+
+
+def test_nosubdir_rerun_resumes_after_a_kill(tmp_path, data):
+    # 160 images at batch 16, a tick every 32 (2 steps), a state every 2 ticks: the first state is at 80 images.
+    args = ['--config=tiny', '--precision=fp32', f'--data={data}', '--nosubdir', '--seed=1', '--duration=0.00016',
+            '--tick=0.032', '--dump=2']
+    run, ref = tmp_path / 'run', tmp_path / 'ref'
+    res = run_python(['-c', _KILLED_AFTER_STATE, *args, f'--outdir={run}'], check=False, env={'OMP_NUM_THREADS': '1'})
+    assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]
+    assert checkpoint.load_training_state(training_loop.find_latest_state(str(run)))['cur_nimg'] == 80
+    # The same command again continues from the state; other options are refused, naming the flag.
+    _one_line_error(_run(*args, f'--outdir={run}', '--lr=1e-4'), 'other options', 'optimizer_kwargs.lr (--lr)', 'give its options')
+    res = _run(*args, f'--outdir={run}')
+    assert res.exit_code == 0, res.output
+    assert f'Resuming from {run}' in res.output
+    assert _run(*args, f'--outdir={ref}').exit_code == 0  # uninterrupted
+    a, b = (checkpoint.load_training_state(training_loop.find_latest_state(str(d))) for d in (ref, run))
+    assert a['cur_nimg'] == b['cur_nimg'] == 160 and all(torch_equal(a['ema'][k], b['ema'][k]) for k in a['ema'])
+    assert _ticks(run) == _ticks(ref)  # one record per tick, none twice, in order
+    # A longer --duration extends the finished run.
+    res = _run(*[a for a in args if not a.startswith('--duration')], '--duration=0.000192', f'--outdir={run}')
+    assert res.exit_code == 0 and checkpoint.load_training_state(training_loop.find_latest_state(str(run)))['cur_nimg'] == 192
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+    return torch.equal(a, b)
+
+#----------------------------------------------------------------------------
+# Bad input: a battery. Every case is one line naming the input and the fix, exit 1 (2 for click's usage
+# errors), no traceback, and no run directory left behind.
+
+def _unwritable_dir() -> str | None:
+    """An existing directory that even root cannot write (sysfs), or None."""
+    try:
+        open('/sys/kernel/.write-probe', 'w').close()
+    except OSError:
+        return '/sys/kernel' if os.path.isdir('/sys/kernel') else None
+    os.remove('/sys/kernel/.write-probe')
+    return None
+
+
+@pytest.fixture(scope='module')
+def bad(tmp_path_factory, data) -> dict:
+    root = tmp_path_factory.mktemp('bad-train')
+    floats = np.random.default_rng(0).uniform(-1, 1, size=[16, 3, 8, 8]).astype(np.float32)
+    floats[3] = np.inf
+    with ArrayDatasetWriter(str(root / 'inf'), 16, [3, 8, 8], np.float32) as w:
+        w.write(0, floats)
+    make_image_folder(root / 'big', num=4, resolution=16)
+    checkpoint.save_network(str(root / 'net16.pt'), EDMPrecond(img_resolution=16, img_channels=3, model_channels=8,
+                                                              channel_mult=[1, 2], num_blocks=1, attn_resolutions=[]))
+    (root / 'junk.pt').write_bytes(b'\x80junk')
+    (root / 'file').write_text('')
+    (root / 'empty').mkdir()
+    # A finished run (one step) to resume or rerun into.
+    run = root / 'run'
+    res = _run('--config=tiny', f'--outdir={run}', '--nosubdir', f'--data={data}', '--seed=1', '--duration=0.000016')
+    assert res.exit_code == 0, res.output
+    return dict(root=str(root), run=str(run), state=training_loop.find_latest_state(str(run)))
+
+
+TRAIN_CASES = {
+    # bad paths and wrong kinds of data
+    'data missing': (['--data={root}/nope'], 1, ['Dataset not found', '/nope']),
+    'data non-finite': (['--data={root}/inf'], 1, ['{root}/inf', 'not finite', 'image 3', 'fix the data set']),
+    'mix data other resolution': (['--mix-data={root}/big', '--mix-fraction=0.5'], 1, ['mix data set has images', 'same resolution']),
+    'cond without labels': (['--cond=1'], 1, ['has no labels', 'train unconditionally']),
+    'outdir is a file': (['--outdir={root}/file'], 1, ['--outdir={root}/file is a file', 'give a directory']),
+    'outdir under a file': (['--outdir={root}/file/runs'], 1, ['--outdir={root}/file/runs cannot be written']),
+    'resume missing': (['--resume={root}/nope.pt'], 1, ['--resume: no such file', 'nope.pt']),
+    'resume junk': (['--resume={root}/junk.pt'], 1, ['junk.pt', 'not a network file']),
+    'resume without states': (['--resume={root}/empty'], 1, ['--resume: no training-state', '{root}/empty']),
+    'transfer of another resolution': (['--transfer={root}/net16.pt'], 1, ['16x16', '8x8']),
+    'transfer junk': (['--transfer={root}/junk.pt'], 1, ['junk.pt', 'not a network file']),
+    # non-finite and out-of-range numbers
+    'duration nan': (['--duration=nan'], 1, ['--duration', 'finite']),
+    'duration inf': (['--duration=inf'], 1, ['--duration', 'finite']),
+    'duration huge': (['--duration=1e308'], 1, ['total_kimg (--duration)', 'finite']),
+    'duration zero': (['--duration=0'], 2, ["'--duration'", '0']),
+    'lr inf': (['--lr=inf'], 1, ['lr (--lr)', 'finite']),
+    'lr nan': (['--lr=nan'], 1, ['lr (--lr)', 'finite']),
+    'lr negative': (['--lr=-1'], 2, ["'--lr'"]),
+    'ema inf': (['--ema=inf'], 1, ['ema_halflife_kimg (--ema)', 'finite']),
+    'lr-rampup nan': (['--lr-rampup=nan'], 1, ['lr_rampup_kimg (--lr-rampup)', 'finite']),
+    'dropout nan': (['--dropout=nan'], 1, ['dropout (--dropout)', 'in [0, 1]']),
+    'augment nan': (['--augment=nan'], 1, ['--augment', 'in [0, 1]']),
+    'tick inf': (['--tick=inf'], 1, ['kimg_per_tick (--tick)', 'finite']),
+    'loss scaling nan': (['--ls=nan'], 1, ['loss_scaling (--ls)', 'finite']),
+    'batch zero': (['--batch=0'], 2, ["'--batch'"]),
+    'batch not divisible': (['--batch=12', '--batch-gpu=8'], 1, ['not divisible', 'pick --batch-gpu']),
+    # networks that cannot work on these images
+    'attn at no resolution': (['--attn=7'], 1, ['--attn=7', 'resolutions are 8,4', 'pick from them']),
+    'too many levels': (['--cres=1,2,2,2,2'], 1, ['cannot run on 8x8 images', 'fewer --cres levels']),
+    'no levels': (['--cres=none'], 1, ['--cres is empty', '--cres=1,2']),
+    'too few channels': (['--cbase=1'], 1, ['cannot run on 8x8 images', 'more --cbase']),
+    # conflicting flags
+    'transfer and resume': (['--transfer={root}/net16.pt', '--resume={state}'], 1, ['--transfer and --resume cannot be used together']),
+    'fp16 and bf16': (['--fp16=1', '--precision=bf16'], 1, ['contradicts']),
+    'mix fraction without data': (['--mix-fraction=0.5'], 1, ['--mix-fraction needs --mix-data']),
+    'mix data at fraction 0': (['--mix-data={root}/big', '--mix-fraction=0'], 1, ['--mix-data is unused with --mix-fraction=0', 'give the share']),
+    'no such preset': (['--config=no-such-preset'], 1, ['No preset', 'no-such-preset']),
+    # a run directory holding another run
+    'resume with other data': (['--resume={run}', '--data={root}/big'], 1, ['dataset_kwargs.path (--data)', 'give its options']),
+    'resume with other lr': (['--resume={run}', '--lr=1e-4'], 1, ['optimizer_kwargs.lr (--lr)', 'give its options']),
+    'nosubdir rerun with other batch': (['--outdir={run}', '--nosubdir', '--batch=8'], 1, ['batch_size (--batch)', 'give its options']),
+}
+
+
+@pytest.mark.parametrize('case', list(TRAIN_CASES))
+def test_bad_input_battery(tmp_path, data, bad, case):
+    args, code, matches = TRAIN_CASES[case]
+    subst = dict(root=bad['root'], run=bad['run'], state=bad['state'])
+    out = tmp_path / 'out'
+    before = sorted(os.listdir(bad['run']))
+    res = _run('--config=tiny', f'--outdir={out}', f'--data={data}', '--seed=1', *[a.format(**subst) for a in args])
+    _one_line_error(res, *[m.format(**subst) for m in matches], code=code)
+    assert not out.exists() and sorted(os.listdir(bad['run'])) == before  # nothing left behind, nothing added
+
+
+@pytest.mark.parametrize('nosubdir', [True, False])
+def test_unwritable_outdir_is_one_line(tmp_path, data, nosubdir):
+    path = _unwritable_dir()
+    if path is None:
+        pytest.skip('no directory here that cannot be written')
+    res = _run('--config=tiny', f'--outdir={path}', f'--data={data}', *(['--nosubdir'] if nosubdir else []))
+    _one_line_error(res, path, 'writ')

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import PIL.Image
@@ -274,8 +275,8 @@ def test_fused_optimizer_falls_back(tmp_path, data, capsys):
     tl.training_loop(str(tmp_path / 'run'), **opts)
     assert 'using the unfused one' in capsys.readouterr().out
     assert not _state(tmp_path / 'run')['optimizer']['param_groups'][0]['fused']
-    opts['optimizer_kwargs']['lr'] = -1  # other errors are not hidden
-    with pytest.raises(ValueError, match='learning rate'):
+    opts['optimizer_kwargs']['betas'] = [2, 0.999]  # other errors are not hidden
+    with pytest.raises(ValueError, match='beta'):
         tl.training_loop(str(tmp_path / 'bad'), **opts)
 
 #----------------------------------------------------------------------------
@@ -285,10 +286,10 @@ def test_transfer_copies_weights_into_net_and_ema(tmp_path, data):
     source_path = tl.training_loop(str(tmp_path / 'src'), **tiny_options(data, total_kimg=0.016))
     source = checkpoint.load_network(source_path)
     # One step at lr 0 (the warm-up restarts at zero) leaves net and EMA at the transferred weights.
-    for transfer in [source_path, source]:
-        final = tl.training_loop(str(tmp_path / 'ft'), **tiny_options(data, total_kimg=0.008, transfer=transfer, network_kwargs=None,
-                                                                     ema_rampup_ratio=None))
-        state = _state(tmp_path / 'ft')
+    for i, transfer in enumerate([source_path, source]):
+        final = tl.training_loop(str(tmp_path / f'ft{i}'), **tiny_options(data, total_kimg=0.008, transfer=transfer, network_kwargs=None,
+                                                                          ema_rampup_ratio=None))
+        state = _state(tmp_path / f'ft{i}')
         assert state['cur_nimg'] == 8
         for name, value in source.state_dict().items():
             assert torch.equal(state['net'][name], value) and torch.equal(state['ema'][name], value), name
@@ -464,6 +465,8 @@ def test_augment_labels_reach_the_network_in_training_and_are_none_at_sampling(t
     opts = tiny_options(data, total_kimg=0.032, augment_kwargs=PAPER_AUGMENT)
     opts['network_kwargs'] = dict(opts['network_kwargs'], augment_dim=9)
     final = tl.training_loop(str(tmp_path / 'run'), **opts)
+    trial, *model_labels = model_labels  # construct_network first tries the network on one image, without labels
+    assert trial is None
     assert len(pipe_out) == len(model_labels) == 4  # one pipe call and one network call per step
     for (_, labels), seen in zip(pipe_out, model_labels):
         assert seen.shape == (8, 9) and torch.equal(seen, labels)
@@ -498,8 +501,12 @@ def test_dropout_masks_in_training_only_and_reproducible(tmp_path, data, monkeyp
     for name, seed in [('a', 1), ('b', 1), ('c', 2)]:
         calls.clear()
         final = tl.training_loop(str(tmp_path / name), **dict(opts, seed=seed))
+        # construct_network's trial on one image runs in eval mode, before training: no dropout there.
+        trial = [c for c in calls if not c[1]]
+        calls[:] = [c for c in calls if c[1]]
+        assert all(not mask.any() for _, _, mask in trial)
         runs[name] = [mask for _, _, mask in calls]
-        assert calls and all(p == 0.25 and training for p, training, _ in calls)
+        assert calls and all(p == 0.25 for p, _, _ in calls)
     per_step = len(runs['a']) // 2  # 2 steps, one network call each
     masks = torch.cat([m.flatten() for m in runs['a']]).double()
     assert masks.mean().item() == pytest.approx(0.25, abs=0.02)
@@ -511,3 +518,196 @@ def test_dropout_masks_in_training_only_and_reproducible(tmp_path, data, monkeyp
     from training import generation
     generation.sample_images(checkpoint.load_network(final), [0], num_steps=2)
     assert calls and not any(training for _, training, _ in calls)
+
+#----------------------------------------------------------------------------
+# File names below 1 kimg.
+
+def test_snapshots_below_one_kimg_do_not_overwrite_each_other(tmp_path, data):
+    # Ticks end after 8 images (the first step), then every 16: 24, 40, 56, and the end at 64.
+    tl.training_loop(str(tmp_path / 'run'), **tiny_options(data, state_dump_ticks=1))
+    names = sorted(f for f in os.listdir(tmp_path / 'run') if f.startswith('network-snapshot-'))
+    assert names == [f'network-snapshot-000000.{n:03d}.pt' for n in (8, 24, 40, 56, 64)]
+    assert [checkpoint.load_snapshot_info(str(tmp_path / 'run' / n)).kimg for n in names] == [0.008, 0.024, 0.04, 0.056, 0.064]
+    assert tl.find_latest_state(str(tmp_path / 'run')).endswith('training-state-000000.064.pt')
+
+
+def test_names_at_and_above_one_kimg_stay_edms_and_sort_by_number(tmp_path):
+    for name in ['000000.512', '000000.064', '000001', '000002', '000000']:
+        (tmp_path / f'training-state-{name}.pt').write_bytes(b'')
+    assert tl.find_latest_state(str(tmp_path)).endswith('training-state-000002.pt')
+    tl._prune(str(tmp_path), tl._STATE_RE, keep=3)
+    assert sorted(os.listdir(tmp_path)) == ['training-state-000000.512.pt', 'training-state-000001.pt', 'training-state-000002.pt']
+    assert sorted(os.listdir(tmp_path)) == sorted(os.listdir(tmp_path), key=lambda f: float(f[15:-3]))  # names sort as numbers
+
+#----------------------------------------------------------------------------
+# A run directory holds one run; a resume keeps the run's options.
+
+def test_resume_refuses_other_options_and_allows_a_longer_run(tmp_path, data):
+    run = tmp_path / 'run'
+    opts = tiny_options(data, total_kimg=0.032)
+    tl.training_loop(str(run), **opts)
+    other = make_image_folder(tmp_path / 'other', num=8)
+    for change, name in [(dict(dataset_kwargs=dict(path=other)), 'dataset_kwargs.path (--data)'),
+                         (dict(optimizer_kwargs=dict(opts['optimizer_kwargs'], lr=1e-4)), 'optimizer_kwargs.lr (--lr)'),
+                         (dict(batch_size=16), 'batch_size (--batch)')]:
+        with pytest.raises(UserError, match='was trained with other options') as e:
+            tl.training_loop(str(tmp_path / 'new'), **dict(opts, resume=str(run), **change))
+        assert name in str(e.value) and '\n' not in str(e.value)
+        assert not (tmp_path / 'new').exists()
+    # The duration, the bookkeeping and the seed (the state's wins) may change: the run goes on to 0.048 kimg.
+    tl.training_loop(str(run), **dict(opts, resume=str(run), total_kimg=0.048, kimg_per_tick=0.008, keep_last=2, seed=5))
+    assert _state(run)['cur_nimg'] == 48 and _state(run)['options']['seed'] == opts['seed']
+
+
+def test_a_run_directory_holds_one_run(tmp_path, data):
+    run = tmp_path / 'run'
+    opts = tiny_options(data, total_kimg=0.016)
+    tl.training_loop(str(run), **opts)
+    before = sorted(os.listdir(run))
+    with pytest.raises(UserError, match=r'holds a training run with other options \(optimizer_kwargs.lr \(--lr\)'):
+        tl.training_loop(str(run), **dict(opts, optimizer_kwargs=dict(opts['optimizer_kwargs'], lr=1e-4)))
+    with pytest.raises(UserError, match='already holds the training states'):
+        tl.training_loop(str(run), **opts)  # the same options from scratch would overwrite its states
+    assert sorted(os.listdir(run)) == before
+
+
+def test_resume_keeps_the_stats_record_of_the_states_own_tick(tmp_path):
+    # Progress/kimg went through float32: 3.088 kimg is logged as 3.0880000591..., above 3.088.
+    logged = [float(np.float32(k)) for k in (3.072, 3.088, 3.104)]
+    assert logged[1] > 3.088
+    path = tmp_path / 'stats.jsonl'
+    path.write_text(''.join(json.dumps({'Progress/kimg': {'mean': k}}) + '\n' for k in logged))
+    tl._truncate_stats(str(path), 3088 / 1e3)
+    assert [json.loads(line)['Progress/kimg']['mean'] for line in open(path)] == logged[:2]
+
+#----------------------------------------------------------------------------
+# Divergence and non-finite data: one line.
+
+class NaNLoss(EDMLoss):
+    """The EDM loss made NaN: the gradients are sanitized to zero, so the weights stay finite."""
+
+    def __call__(self, *args, **kwargs):
+        return super().__call__(*args, **kwargs) * float('nan')
+
+
+def test_a_loss_that_stays_nan_stops_training(tmp_path, data):
+    run = tmp_path / 'run'
+    opts = tiny_options(data, total_kimg=0.2, loss_kwargs=dict(class_name='tests.test_training_loop.NaNLoss'))
+    with pytest.raises(UserError, match='the loss was not finite for 10 steps in a row') as e:
+        tl.training_loop(str(run), **opts)
+    assert '\n' not in str(e.value) and 'Training diverged at 0.088 kimg' in str(e.value)  # the tick of step 10: 11 steps
+    assert _state(run)['cur_nimg'] < 88 and not (run / 'run.lock').exists()
+
+
+def test_weights_that_overflow_stop_training(tmp_path, data):
+    run = tmp_path / 'run'
+    opts = tiny_options(data, total_kimg=0.2, optimizer_kwargs=dict(tiny_options(data)['optimizer_kwargs'], lr=1e308))
+    with pytest.raises(UserError, match='Training diverged'):
+        tl.training_loop(str(run), **opts)
+    for name in os.listdir(run):  # what was saved before is still usable
+        if name.endswith('.pt'):
+            net = checkpoint.load_network(str(run / name))
+            assert all(torch.isfinite(p).all() for p in net.parameters()), name
+
+
+def test_non_finite_training_data_is_refused_before_the_run_dir(tmp_path):
+    images = np.random.default_rng(0).uniform(-1, 1, size=[32, 3, 8, 8]).astype(np.float32)
+    images[5, 0, 3, 3] = np.nan
+    with ArrayDatasetWriter(str(tmp_path / 'floats'), 32, [3, 8, 8], np.float32) as w:
+        w.write(0, images)
+    with pytest.raises(UserError, match='not finite .* image 5'):
+        tl.training_loop(str(tmp_path / 'run'), **tiny_options(str(tmp_path / 'floats')))
+    assert not (tmp_path / 'run').exists()
+
+#----------------------------------------------------------------------------
+# Network options that cannot work fail before the run directory exists.
+
+@pytest.mark.parametrize('change, match', [
+    (dict(attn_resolutions=[7]), r'--attn=7: the network has no 7x7 level; .* resolutions are 8,4'),
+    (dict(channel_mult=[1, 2, 2, 2, 2]), 'cannot run on 8x8 images'),
+    (dict(channel_mult=[]), '--cres is empty'),
+    (dict(model_channels=1), 'cannot run on 8x8 images'),
+])
+def test_network_options_that_cannot_work(tmp_path, data, change, match):
+    opts = tiny_options(data)
+    with pytest.raises(UserError, match=match):
+        tl.training_loop(str(tmp_path / 'run'), **dict(opts, network_kwargs=dict(opts['network_kwargs'], **change)))
+    assert not (tmp_path / 'run').exists()
+
+
+def test_attention_at_an_existing_resolution_is_built(tmp_path, data):
+    opts = tiny_options(data, total_kimg=0.008)
+    tl.training_loop(str(tmp_path / 'run'), **dict(opts, network_kwargs=dict(opts['network_kwargs'], attn_resolutions=[4])))
+    assert any('.attn.' in name or 'qkv' in name for name in _state(tmp_path / 'run')['net'])
+
+#----------------------------------------------------------------------------
+# The run directory lock.
+
+def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path, data, capsys):
+    from torch_utils import lock
+    run = tmp_path / 'run'
+    run.mkdir()
+    dead = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'], capture_output=True, text=True)
+    pid = int(dead.stdout)  # that process has exited; should the pid be reused, the start time tells them apart
+    (run / 'run.lock').write_text(json.dumps(dict(lock.machine(), pid=pid, process_start=1.0, started='earlier', command='killed run')))
+    tl.training_loop(str(run), **tiny_options(data, total_kimg=0.008))
+    assert f'Took over the lock of {run} from pid {pid}' in capsys.readouterr().out
+    assert not (run / 'run.lock').exists() and (run / 'training_options.json').exists()
+
+
+def test_a_lock_of_another_machine_needs_break_lock(tmp_path, data):
+    from torch_utils import lock
+    run = tmp_path / 'run'
+    run.mkdir()
+    (run / 'run.lock').write_text(json.dumps(dict(lock.machine(), host='node-b', boot_id='other', pid=os.getpid(), command='python train.py')))
+    with pytest.raises(UserError, match=r'in use by another process: pid \d+ on host node-b.*--break-lock') as e:
+        tl.training_loop(str(run), **tiny_options(data, total_kimg=0.008))
+    assert '\n' not in str(e.value) and os.listdir(run) == ['run.lock']
+    # Without a heartbeat for longer than FOREIGN_STALE_SEC it is taken over; so with break_lock.
+    old = time.time() - lock.FOREIGN_STALE_SEC - 60
+    os.utime(run / 'run.lock', (old, old))
+    tl.training_loop(str(run), **tiny_options(data, total_kimg=0.008))
+    (run / 'run.lock').write_text(json.dumps(dict(lock.machine(), host='node-b', pid=1, command='python train.py')))
+    tl.training_loop(str(run), break_lock=True, **tiny_options(data, total_kimg=0.016, resume=str(run)))
+    assert not (run / 'run.lock').exists()
+
+
+def test_a_live_holder_on_this_machine_is_never_taken_over(tmp_path, data):
+    from torch_utils import lock
+    run = tmp_path / 'run'
+    with lock.run_lock(str(run)):
+        old = time.time() - 10 * lock.FOREIGN_STALE_SEC  # however old its heartbeat
+        os.utime(run / 'run.lock', (old, old))
+        with pytest.raises(UserError, match=f'in use by another process: pid {os.getpid()} on host'):
+            tl.training_loop(str(run), break_lock=True, **tiny_options(data, total_kimg=0.008))
+        assert os.listdir(run) == ['run.lock']
+    assert os.listdir(run) == []
+
+
+def test_a_run_moved_together_with_its_data_resumes(tmp_path, data):
+    # SFBD's fine-tunes train on E_k beside their run directory; the whole SFBD run directory may move.
+    import shutil
+    shutil.copytree(data, tmp_path / 'a' / 'data')
+    tl.training_loop(str(tmp_path / 'a' / 'run'), **tiny_options(str(tmp_path / 'a' / 'data'), total_kimg=0.016))
+    shutil.move(tmp_path / 'a', tmp_path / 'b')
+    b = tmp_path / 'b'
+    tl.training_loop(str(b / 'run'), **tiny_options(str(b / 'data'), total_kimg=0.032, resume=str(b / 'run')))
+    assert _state(b / 'run')['cur_nimg'] == 32
+
+
+def test_only_one_process_replaces_a_stale_lock(tmp_path):
+    from torch_utils import lock
+    run = tmp_path / 'run'
+    run.mkdir()
+    pid = int(subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'], capture_output=True, text=True).stdout)
+    (run / 'run.lock').write_text(json.dumps(dict(lock.machine(), pid=pid, process_start=1.0, started='earlier', command='killed run')))
+    (run / 'run.lock.takeover').touch()  # another process is replacing the stale lock right now
+    with pytest.raises(UserError, match=f'another process is taking over the stale lock of pid {pid}'):
+        lock.RunLock(str(run)).acquire()
+    old = time.time() - 120  # that takeover was itself killed midway, a minute ago
+    os.utime(run / 'run.lock.takeover', (old, old))
+    held = lock.RunLock(str(run))
+    held.acquire()
+    assert json.loads((run / 'run.lock').read_text())['pid'] == os.getpid()
+    held.release()
+    assert os.listdir(run) == []

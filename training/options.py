@@ -66,23 +66,29 @@ class TrainingOptions:
     cudnn_benchmark: bool = True                  # Let cuDNN pick convolution algorithms.
 
     def check(self) -> None:
-        """One-line errors for values no run can use."""
-        finite = dict(total_kimg=self.total_kimg, ema_halflife_kimg=self.ema_halflife_kimg, lr_rampup_kimg=self.lr_rampup_kimg,
-                      loss_scaling=self.loss_scaling, kimg_per_tick=self.kimg_per_tick, mix_fraction=self.mix_fraction)
-        for name, value in finite.items():
-            if not math.isfinite(value):
-                raise UserError(f'{name} must be a finite number, got {value}')
-        if self.total_kimg < 0:
-            raise UserError(f'The training duration must not be negative, got {self.total_kimg} kimg')
-        if not 0 <= self.mix_fraction <= 1:
-            raise UserError(f'mix_fraction must be in [0, 1], got {self.mix_fraction}')
+        """One-line errors for values no run can use, naming the field and the flag that sets it."""
+        lr = (self.optimizer_kwargs or ADAM).get('lr', 0)
+        dropout = (self.network_kwargs or {}).get('dropout', 0)
+        augment = (self.augment_kwargs or {}).get('p', 0)
+        # name: (value, lowest allowed, whether the lowest itself is allowed, highest allowed)
+        numbers = dict(total_kimg=(self.total_kimg, 0, True, math.inf), ema_halflife_kimg=(self.ema_halflife_kimg, 0, True, math.inf),
+                       lr_rampup_kimg=(self.lr_rampup_kimg, 0, True, math.inf), loss_scaling=(self.loss_scaling, 0, False, math.inf),
+                       kimg_per_tick=(self.kimg_per_tick, 0, False, math.inf), mix_fraction=(self.mix_fraction, 0, True, 1),
+                       lr=(lr, 0, False, math.inf), dropout=(dropout, 0, True, 1), augment=(augment, 0, True, 1))
+        if self.ema_rampup_ratio is not None:
+            numbers['ema_rampup_ratio'] = (self.ema_rampup_ratio, 0, False, math.inf)
+        for name, (value, low, closed, high) in numbers.items():
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and (value >= low if closed else value > low) and value <= high):
+                bounds = f'in [{low}, {high}]' if high < math.inf else f'{">=" if closed else ">"} {low}'
+                raise UserError(f'{_named(name)} must be a finite number {bounds}, got {value}')
+        for name in ('batch_size', 'batch_gpu', 'snapshot_ticks', 'state_dump_ticks', 'keep_last'):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, int) and value >= 1):
+                raise UserError(f'{_named(name)} must be a whole number >= 1, got {value}')
         if self.precision not in perf.PRECISIONS:
             raise UserError(f'Unknown precision {self.precision!r}: use one of {", ".join(perf.PRECISIONS)}')
         if self.network_kwargs is None and self.transfer is None and self.resume is None:
             raise UserError('network_kwargs is required unless transferring or resuming')
-        lr = (self.optimizer_kwargs or ADAM).get('lr', 0)
-        if not math.isfinite(lr):
-            raise UserError(f'The learning rate must be a finite number, got {lr}')
 
     def to_json(self) -> dict:
         """The options as plain JSON types (a training state must load with weights_only)."""
@@ -157,12 +163,24 @@ class SFBDOptions:
             raise UserError('--audit-heldout is unused without --audit-num: give the number of samples to audit')
         if self.final_fid_repeats < 1:
             raise UserError(f'--final-fid-repeats must be at least 1, got {self.final_fid_repeats}')
-        for name in ('pretrain_kimg', 'finetune_kimg', 'finetune_lr', 'finetune_lr_rampup_kimg', 'finetune_ema_halflife_kimg', 'sigma'):
+        flags = dict(pretrain_kimg='--pretrain-kimg', finetune_kimg='--finetune-kimg', finetune_lr='--ft-lr',
+                     finetune_lr_rampup_kimg='--ft-lr-rampup', finetune_ema_halflife_kimg='--ft-ema', sigma='--sigma')
+        for name, flag in flags.items():
             value = getattr(self, name)
-            if value is not None and not (math.isfinite(value) and value >= 0):
-                raise UserError(f'--{name.replace("_", "-")} must be a finite non-negative number, got {value}')
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise UserError(f'{name} ({flag}) must be a finite non-negative number, got {value}')
+        for name, low in dict(denoise_steps=2, denoise_batch=1, eval_every=0, eval_num=2, eval_steps=2, eval_batch=1,
+                              grid_num=0, strip_num=0, seed=0).items():
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= low):
+                flag = {'grid_num': '--grid', 'strip_num': '--strip'}.get(name, '--' + name.replace('_', '-'))
+                raise UserError(f'{flag} must be a whole number >= {low}, got {value}')
         for key in ('dataset_kwargs', 'total_kimg', 'seed', 'transfer', 'resume', 'mix_dataset_kwargs', 'mix_fraction'):
             assert key not in self.train_kwargs, key
+        # The training options of pretraining and of every fine-tune, checked now rather than when each starts.
+        if self.pretrained is None:
+            TrainingOptions(**pretrain_kwargs(self)).check()
+        TrainingOptions(**finetune_kwargs(self, 1, network='model k-1', denoised='E_k')).check()
 
     def to_json(self) -> dict:
         return json_round_trip(dataclasses.asdict(self))
@@ -171,6 +189,60 @@ class SFBDOptions:
 def json_round_trip(obj: Any) -> Any:
     """obj as exactly what a JSON file of it reads back (numpy scalars and arrays become numbers and lists)."""
     return json.loads(json.dumps(obj, default=json_default))
+
+
+# The flags of train.py (and sfbd.py) that set each TrainingOptions field, for messages.
+FLAGS = {
+    'total_kimg': '--duration', 'ema_halflife_kimg': '--ema', 'lr_rampup_kimg': '--lr-rampup', 'loss_scaling': '--ls',
+    'kimg_per_tick': '--tick', 'mix_fraction': '--mix-fraction', 'lr': '--lr', 'dropout': '--dropout', 'augment': '--augment',
+    'batch_size': '--batch', 'batch_gpu': '--batch-gpu', 'snapshot_ticks': '--snap', 'state_dump_ticks': '--dump', 'keep_last': '--keep',
+    'dataset_kwargs.path': '--data', 'dataset_kwargs.xflip': '--xflip',
+    'dataset_kwargs.use_labels': '--cond', 'mix_dataset_kwargs': '--mix-data', 'mix_dataset_kwargs.path': '--mix-data',
+    'optimizer_kwargs.lr': '--lr', 'loss_kwargs': '--precond', 'loss_kwargs.class_name': '--precond', 'augment_kwargs': '--augment',
+    'augment_kwargs.p': '--augment', 'network_kwargs.class_name': '--precond', 'network_kwargs.model_channels': '--cbase',
+    'network_kwargs.channel_mult': '--cres', 'network_kwargs.num_blocks': '--blocks', 'network_kwargs.attn_resolutions': '--attn',
+    'network_kwargs.dropout': '--dropout', 'network_kwargs.augment_dim': '--augment', 'network_kwargs.use_fp16': '--fp16',
+    'network_kwargs': '--arch', 'transfer': '--transfer',
+}
+for _key in ('model_type', 'embedding_type', 'encoder_type', 'decoder_type', 'channel_mult_noise', 'resample_filter'):
+    FLAGS[f'network_kwargs.{_key}'] = '--arch'
+
+
+def _named(name: str) -> str:
+    """A field as a message names it: with its flag where it has one."""
+    return f'{name} ({FLAGS[name]})' if name in FLAGS else name
+
+
+# What a resumed run may change: its length, its bookkeeping, and how (not what) it computes.
+RESUMABLE = ('total_kimg', 'kimg_per_tick', 'snapshot_ticks', 'state_dump_ticks', 'keep_last', 'batch_gpu', 'precision',
+             'channels_last', 'compile', 'cudnn_benchmark', 'data_loader_kwargs', 'dataset_kwargs.cache',
+             'mix_dataset_kwargs.cache', 'optimizer_kwargs.fused', 'run_dir', 'resume')
+# Taken from the training state when resuming (the state continues its own run): printed where they differ.
+STATE_WINS = ('seed', 'ema_rampup_ratio', 'transfer')
+
+
+def changed_options(old: dict, new: dict, ignore: tuple = ()) -> list[tuple[str, Any, Any]]:
+    """(key, old value, new value) for each option that differs, dict options compared key by key
+    ('optimizer_kwargs.lr'); keys in `ignore` (either form) are skipped. A None option on the new side
+    (e.g. network_kwargs: the state's own) matches anything."""
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if key in ignore or b is None and key == 'network_kwargs':
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += [(f'{key}.{k}', a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
+                        if f'{key}.{k}' not in ignore and a.get(k) != b.get(k)]
+        elif a != b:
+            changes.append((key, a, b))
+    return changes
+
+
+def format_changes(changes: list[tuple[str, Any, Any]]) -> str:
+    """'optimizer_kwargs.lr (--lr): 0.002 there, 0.001 now' for the first change, and how many more."""
+    key, a, b = changes[0]
+    more = f' and {len(changes) - 1} more ({", ".join(k for k, _, _ in changes[1:4])})' if len(changes) > 1 else ''
+    return f'{_named(key)}: {a!r} there, {b!r} now{more}'
 
 #----------------------------------------------------------------------------
 # From the command line (train.py and sfbd.py share these flags; their help lives in dnnlib/cli.py).
@@ -224,6 +296,8 @@ def training_kwargs(t: TrainOptions, device: torch.device | str) -> dict:
     precision (resolved for `device`), fast path and bookkeeping; no data set, duration, seed or starting weights."""
     if t.arch not in ARCHS or t.precond not in PRECONDS:
         raise UserError(f'Unknown --arch {t.arch!r} or --precond {t.precond!r}: use {"/".join(ARCHS)} and {"/".join(PRECONDS)}')
+    if not 0 <= t.augment <= 1:  # checked here: NaN would silently mean no augmentation
+        raise UserError(f'--augment must be a probability in [0, 1], got {t.augment}')
     precision = perf.resolve_precision(t.precision, device, fp16=t.fp16)
     network_class, loss_class = PRECONDS[t.precond]
     network_kwargs = dict(class_name=network_class, **ARCHS[t.arch])

@@ -12,7 +12,7 @@ import torch
 
 import dnnlib
 from dnnlib.util import UserError
-from torch_utils import distributed, perf, rng
+from torch_utils import distributed, lock, perf, rng
 from training import audit, checkpoint, generation, images, metrics, options, sampler, training_loop
 from training.dataset import Dataset, assemble_array_dataset, json_default, open_dataset, originals_path, remove_temp_dirs
 from training.images import to_model_space
@@ -32,6 +32,9 @@ from training.options import SFBDOptions
 
 OPTIONS_FILE = 'sfbd_options.json'
 RESUMABLE_CHANGES = ('iters',)  # may differ on a rerun: more iterations extend a finished run
+# sigma_tau is in [-1, 1] pixel units: the paper's levels are 0.2 .. 1.38; above this a dataset.json surely
+# means another unit (0..255: divide by 127.5).
+SIGMA_TAU_SANE = 10
 PLOTTED = {'fid': 'FID (lower is better)', 'denoise_mse': 'denoising MSE, [-1,1] units', 'denoise_psnr': 'denoising PSNR (dB)',
            'audit_share_below_heldout_p05': 'samples nearer a training image\nthan 95% of held-out images (~5%: no copying)'}
 
@@ -83,33 +86,25 @@ def _check_options_match(run_dir: str, recorded: dict) -> None:
 
 
 def _open_inputs(o: SFBDOptions, device: torch.device) -> dnnlib.EasyDict:
-    """Open and cross-check the data sets, the originals, the starting network and the FID reference.
+    """Open and cross-check the data sets and their values, the originals, the starting network against
+    sigma_tau, and the FID reference: everything that can be checked before the first training step.
 
     Returns EasyDict(clean, noisy, originals or None, detector or None, ref or None, sigma_tau, device).
     """
     clean = open_dataset(o.clean)
     noisy = open_dataset(o.noisy)
-    if noisy.sigma is None:
-        raise UserError(f'{o.noisy} has no noise level: its dataset.json lacks "sigma" '
-                        '(make noisy sets with dataset_tool.py corrupt or import-noisy)')
-    if not (noisy.sigma > 0 and math.isfinite(noisy.sigma)):
-        raise UserError(f'{o.noisy}: its dataset.json gives sigma={noisy.sigma}; it must be a positive number')
-    if o.sigma is not None and not math.isclose(o.sigma, noisy.sigma, rel_tol=1e-6):
-        raise UserError(f'--sigma={o.sigma} contradicts the noisy set\'s own sigma={noisy.sigma} (from {o.noisy}); '
+    sigma_tau = _sigma_tau(noisy, o.noisy)
+    if o.sigma is not None and not math.isclose(o.sigma, sigma_tau, rel_tol=1e-6):
+        raise UserError(f'--sigma={o.sigma} contradicts the noisy set\'s own sigma={sigma_tau} (from {o.noisy}); '
                         'drop --sigma or use the matching noisy set')
-    if clean.sigma is not None:
-        raise UserError(f'--clean={o.clean} is a noisy set (sigma={clean.sigma}); give the clean images')
+    if clean.metadata.get('sigma') is not None:
+        raise UserError(f'--clean={o.clean} is a noisy set (its dataset.json gives sigma={clean.metadata["sigma"]!r}); give the clean images')
     if (clean.resolution, clean.num_channels) != (noisy.resolution, noisy.num_channels):
         raise UserError(f'The clean set holds {clean.resolution}x{clean.resolution} images with {clean.num_channels} '
                         f'channel(s), the noisy set {noisy.resolution}x{noisy.resolution} with {noisy.num_channels}')
-    if o.pretrained is not None:
-        net = checkpoint.load_network(o.pretrained, device='cpu')
-        checkpoint.check_network_matches(net, noisy.resolution, noisy.num_channels)
-        if net.label_dim:
-            raise UserError(f'{o.pretrained} is class-conditional; SFBD trains unconditional models')
-        if o.train_kwargs.get('augment_kwargs') and not net.init_kwargs.get('augment_dim'):
-            raise UserError(f'{o.pretrained} was trained without augmentation labels; fine-tune it with --augment=0')
-        del net
+    training_loop.check_finite_images(clean, f'--clean={o.clean}')
+    _check_noisy_values(training_loop.check_finite_images(noisy, f'--noisy={o.noisy}'), sigma_tau, o.noisy)
+    _check_model0(o, noisy, sigma_tau)
     detector = ref = None
     if o.eval_every > 0 and o.fid_ref is not None:
         detector = metrics.load_detector(o.detector, device, image_shape=noisy.image_shape)
@@ -118,7 +113,57 @@ def _open_inputs(o: SFBDOptions, device: torch.device) -> dnnlib.EasyDict:
     if heldout is not None and heldout.image_shape != noisy.image_shape:
         raise UserError(f'--audit-heldout={o.audit_heldout} holds images of shape {heldout.image_shape}, the data sets {noisy.image_shape}')
     return dnnlib.EasyDict(clean=clean, noisy=noisy, originals=_originals(noisy), detector=detector, ref=ref,
-                           heldout=heldout, sigma_tau=noisy.sigma, device=device)
+                           heldout=heldout, sigma_tau=sigma_tau, device=device)
+
+
+def _sigma_tau(noisy: Dataset, path: str) -> float:
+    """The noisy set's sigma (sigma_tau), of sane size in [-1, 1] units (opening the set checked it is a positive number)."""
+    sigma = noisy.sigma
+    if sigma is None:
+        raise UserError(f'{path} has no noise level: its dataset.json lacks "sigma" '
+                        '(make noisy sets with dataset_tool.py corrupt or import-noisy)')
+    if sigma > SIGMA_TAU_SANE:
+        raise UserError(f'{path}: its dataset.json gives "sigma": {sigma:g}, far too large for [-1, 1] pixel units (the paper\'s '
+                        f'levels are 0.2 to 1.38; above {SIGMA_TAU_SANE} no signal is left); a sigma in 0..255 grey levels must be '
+                        'divided by 127.5: fix dataset.json')
+    return float(sigma)
+
+
+def _check_noisy_values(values: np.ndarray | None, sigma_tau: float, path: str) -> None:
+    """The noisy set's values against its sigma: [-1, 1] pixels plus noise of std sigma_tau have a std of at
+    least sigma_tau and at most sqrt(1 + sigma_tau^2). Far above: another unit (an error); below: a warning."""
+    if values is None:
+        return
+    std = float(values.std(dtype=np.float64))
+    if std > 3 * math.sqrt(1 + sigma_tau ** 2):
+        raise UserError(f'--noisy={path}: its values have std {std:.3g}, impossible for [-1, 1] pixels with noise '
+                        f'sigma={sigma_tau:g}; store the noisy images in [-1, 1] units (u / 127.5 - 1 for 0..255 data)')
+    if std < 0.5 * sigma_tau:
+        distributed.print0(f'Warning: the values of {path} have std {std:.3g}, less than half the noise level its '
+                           f'dataset.json gives (sigma={sigma_tau:g}); check that sigma is in [-1, 1] pixel units')
+
+
+def _check_model0(o: SFBDOptions, noisy: Dataset, sigma_tau: float) -> None:
+    """Model 0 (the pretrained network, or the one pretraining builds) fits the data, and the backward sampler
+    can start at sigma_tau with it: within the network's noise levels and EDM's sigma_max."""
+    if o.pretrained is not None:
+        net = checkpoint.load_network(o.pretrained, device='cpu')
+        checkpoint.check_network_matches(net, noisy.resolution, noisy.num_channels)
+        if net.label_dim:
+            raise UserError(f'{o.pretrained} is class-conditional; SFBD trains unconditional models')
+        if o.train_kwargs.get('augment_kwargs') and not net.init_kwargs.get('augment_dim'):
+            raise UserError(f'{o.pretrained} was trained without augmentation labels; fine-tune it with --augment=0')
+        if not all(p.isfinite().all() for p in net.parameters()):
+            raise UserError(f'--pretrained={o.pretrained} holds weights that are not finite (NaN or inf); give a network that trained well')
+        what = f'--pretrained={o.pretrained}'
+    else:
+        net = training_loop.construct_network(o.train_kwargs['network_kwargs'], noisy.resolution, noisy.num_channels)
+        what = 'the network pretraining builds'
+    low, high = net.sigma_min, min(sampler.SIGMA_MAX, net.sigma_max)
+    if not low <= sigma_tau <= high:
+        raise UserError(f'sigma_tau={sigma_tau:g} (the noisy set\'s sigma) is outside the noise levels the backward sampler can '
+                        f'start from with {what}: [{low:g}, {high:g}] ([-1, 1] units); use another --precond or network, '
+                        'or check the noisy set\'s sigma')
 
 
 def _originals(noisy: Dataset) -> Dataset | None:
@@ -135,7 +180,7 @@ def _originals(noisy: Dataset) -> Dataset | None:
 #----------------------------------------------------------------------------
 # Training (pretraining and fine-tuning) that a rerun resumes instead of repeating.
 
-def _train_once(train_dir: str, **kwargs: Any) -> str:
+def _train_once(train_dir: str, break_lock: bool = False, **kwargs: Any) -> str:
     """training_loop in train_dir, resumed from its newest state if any; finished.json makes it a no-op."""
     marker = os.path.join(train_dir, 'finished.json')
     done = _main_reads_json(marker)
@@ -146,7 +191,7 @@ def _train_once(train_dir: str, **kwargs: Any) -> str:
     if state is None and distributed.is_main() and os.path.isdir(train_dir):
         shutil.rmtree(train_dir)  # snapshots and logs of an attempt that never dumped a state: start over
     distributed.barrier()
-    snapshot = training_loop.training_loop(train_dir, resume=state, **kwargs)
+    snapshot = training_loop.training_loop(train_dir, resume=state, break_lock=break_lock, **kwargs)
     if distributed.is_main():
         _write_json(marker, {'network': os.path.relpath(snapshot, train_dir)})
     distributed.barrier()
@@ -197,18 +242,32 @@ def denoise_dataset(net: torch.nn.Module, noisy: Dataset, dest: str, *, sigma_ta
     distributed.barrier()
     denoise = sampler.net_denoiser(net)
     progress = _progress(n, sum(stop - start for start, stop in mine), f'Denoising E_{k}')
+    bad = torch.zeros(2, dtype=torch.float64)  # chunks whose noisy input / denoised output is not finite
     for start, stop in mine:
         path = _chunk_path(parts_dir, start, stop)
         if not os.path.isfile(path):
             y = to_model_space(torch.from_numpy(np.stack([noisy[i][0] for i in range(start, stop)]))).to(device)
+            if not y.isfinite().all():
+                bad[0] += 1
+                continue
             rnd = rng.StackedRandomGenerator(device, [rng.derive_seed(seed, k, i) for i in range(start, stop)])
             x = sampler.backward_sample(denoise, y.to(torch.float64), sigma_tau, num_steps, solver=solver,
                                         sigma_min=max(sampler.SIGMA_MIN, net.sigma_min),
                                         sigma_max=min(sampler.SIGMA_MAX, net.sigma_max),
                                         randn_like=rnd.randn_like, round_sigma=net.round_sigma)
+            if not x.isfinite().all():
+                bad[1] += 1
+                continue  # never stored: uint8 would turn NaN into black pixels
             with dnnlib.util.atomic_write(path) as f:
                 np.save(f, _to_storage(x, dtype))
         progress(stop - start)
+    bad_inputs, bad_outputs = distributed.all_reduce_sum(bad).tolist()  # every rank stops alike
+    if bad_inputs:
+        raise UserError(f'Denoising E_{k}: {int(bad_inputs)} chunk(s) of the noisy set hold values that are not finite (NaN or inf); '
+                        'fix the noisy set or make it again')
+    if bad_outputs:
+        raise UserError(f'Denoising E_{k}: model {k - 1} gave values that are not finite for {int(bad_outputs)} chunk(s); '
+                        'the network is broken: retrain it with a lower learning rate')
     distributed.barrier()
     if distributed.is_main():
         remove_temp_dirs(dest)  # of a merge killed midway: only rank 0 merges
@@ -373,13 +432,14 @@ def _denoise(k: int, network: str, o: SFBDOptions, run: dnnlib.EasyDict) -> str:
                            batch_size=o.denoise_batch, dtype=o.denoise_dtype, device=run.device, metadata=meta)
 
 
-def run_sfbd(run_dir: str, device: str | torch.device | None = None, **kwargs: Any) -> str:
+def run_sfbd(run_dir: str, device: str | torch.device | None = None, *, break_lock: bool = False, **kwargs: Any) -> str:
     """Run SFBD's Algorithm 1 with options.SFBDOptions(**kwargs) in run_dir; return the final network's path (every rank).
 
     Launch with plain python or torchrun; denoising, training and FID generation are sharded over the
     processes (`device`: default this process's CUDA device, else the CPU). Every phase is resumable:
     rerunning after a kill skips finished iterations, keeps finished denoising chunks and resumes
-    training from its newest state.
+    training from its newest state. Everything is checked before run_dir is written; run_dir is locked
+    against a second process (torch_utils.lock; `break_lock` takes over a lock of another machine).
     """
     distributed.init()
     run_dir = os.path.abspath(run_dir)
@@ -393,15 +453,14 @@ def run_sfbd(run_dir: str, device: str | torch.device | None = None, **kwargs: A
     o.check()
     o = SFBDOptions(**o.to_json())  # exactly what sfbd_options.json holds
     run = _open_inputs(o, device)
-    run.run_dir = run_dir
-    _check_options_match(run_dir, o.to_json())
-    distributed.barrier()
-    if distributed.is_main():
-        os.makedirs(run_dir, exist_ok=True)
-        _write_json(os.path.join(run_dir, OPTIONS_FILE), o.to_json())
-    distributed.barrier()
-    with dnnlib.util.tee_output(os.path.join(run_dir, 'log.txt') if distributed.is_main() else None):
-        return _algorithm1(o, run)
+    run.update(run_dir=run_dir, break_lock=break_lock)
+    with lock.run_lock(run_dir, break_lock=break_lock):
+        _check_options_match(run_dir, o.to_json())
+        if distributed.is_main():
+            _write_json(os.path.join(run_dir, OPTIONS_FILE), o.to_json())
+        distributed.barrier()
+        with dnnlib.util.tee_output(os.path.join(run_dir, 'log.txt') if distributed.is_main() else None):
+            return _algorithm1(o, run)
 
 
 def _algorithm1(o: SFBDOptions, run: dnnlib.EasyDict) -> str:
@@ -419,7 +478,7 @@ def _algorithm1(o: SFBDOptions, run: dnnlib.EasyDict) -> str:
     # Model 0: the given network, or pretraining on D_clean.
     network = o.pretrained
     if network is None:
-        network = _train_once(os.path.join(run.run_dir, 'pretrain'), **options.pretrain_kwargs(o))
+        network = _train_once(os.path.join(run.run_dir, 'pretrain'), run.break_lock, **options.pretrain_kwargs(o))
     records: list[dict] = []
     times: list[float] = []
     for k in range(o.iters + 1):
@@ -433,7 +492,7 @@ def _algorithm1(o: SFBDOptions, run: dnnlib.EasyDict) -> str:
         if k > 0:
             distributed.print0(f'\n=== SFBD iteration {k}/{o.iters}: denoise with {_relative(run.run_dir, network)}, then fine-tune ===')
             denoised = _denoise(k, network, o, run)
-            network = _train_once(os.path.join(d, 'finetune'), **options.finetune_kwargs(o, k, network, denoised))
+            network = _train_once(os.path.join(d, 'finetune'), run.break_lock, **options.finetune_kwargs(o, k, network, denoised))
         record = _evaluate(k, network, o, run)
         record['sec'] = time.time() - start_time
         _finish(k, record, records, run.run_dir)

@@ -1,6 +1,7 @@
 """The EDM training loop: DDP, gradient accumulation, EMA, exactly resumable data order, snapshots."""
 
 import copy
+import inspect
 import itertools
 import json
 import os
@@ -14,17 +15,20 @@ import torch
 
 import dnnlib
 from dnnlib.util import UserError
-from torch_utils import distributed, misc, perf, rng, training_stats
+from torch_utils import distributed, lock, misc, perf, rng, training_stats
 from training import checkpoint
 from training.dataset import Dataset
 from training.images import to_model_space
-from training.options import ADAM, TrainingOptions
+from training.options import ADAM, RESUMABLE, STATE_WINS, TrainingOptions, changed_options, format_changes
 
 # Key spaces of torch_utils.rng.derive_seed(seed, KEY, ...), so no two uses share a stream.
 _KEY_STEP, _KEY_ORDER, _KEY_MIX_ORDER, _KEY_DROPOUT = 0, 1, 2, 3
 
-_STATE_RE = re.compile(r'training-state-(\d+)\.pt')
-_SNAPSHOT_RE = re.compile(r'network-snapshot-(\d+)\.pt')
+# File names carry KIMG (kimg_label): EDM's 6-digit kimg, with the images below 1 kimg.
+_STATE_RE = re.compile(r'training-state-(\d+(?:\.\d{3})?)\.pt')
+_SNAPSHOT_RE = re.compile(r'network-snapshot-(\d+(?:\.\d{3})?)\.pt')
+# Training stops once the loss was not finite for this many steps in a row.
+NONFINITE_STEPS = 10
 
 #----------------------------------------------------------------------------
 # Batch layout.
@@ -123,10 +127,20 @@ class _TrainingSet(torch.utils.data.Dataset):
 #----------------------------------------------------------------------------
 # Run directory helpers.
 
+def kimg_label(nimg: int) -> str:
+    """KIMG in snapshot and state names: EDM's 6-digit kimg, and below 1 kimg the image count too
+    ('000000.512'), so early snapshots do not overwrite each other. Names sort as their numbers do."""
+    return f'{nimg // 1000:06d}' if nimg >= 1000 or nimg == 0 else f'000000.{nimg:03d}'
+
+
+def _file_kimg(pattern: re.Pattern, name: str) -> float:
+    return float(pattern.fullmatch(name).group(1))
+
+
 def find_latest_state(run_dir: str) -> str | None:
     """The newest training-state-*.pt in `run_dir`, or None if it holds none."""
     names = [f for f in os.listdir(run_dir) if _STATE_RE.fullmatch(f)] if os.path.isdir(run_dir) else []
-    return os.path.join(run_dir, max(names, key=lambda f: int(_STATE_RE.fullmatch(f).group(1)))) if names else None
+    return os.path.join(run_dir, max(names, key=lambda f: _file_kimg(_STATE_RE, f))) if names else None
 
 
 def _resolve_resume(resume: str) -> str:
@@ -144,14 +158,14 @@ def _prune(run_dir: str, pattern: re.Pattern, keep: int | None) -> None:
     """Delete all but the newest `keep` files matching `pattern` (None: keep everything)."""
     if keep is None:
         return
-    names = sorted((f for f in os.listdir(run_dir) if pattern.fullmatch(f)), key=lambda f: int(pattern.fullmatch(f).group(1)))
+    names = sorted((f for f in os.listdir(run_dir) if pattern.fullmatch(f)), key=lambda f: _file_kimg(pattern, f))
     for name in names[:max(len(names) - keep, 0)]:
         os.remove(os.path.join(run_dir, name))
 
 
 def _save_snapshot(run_dir: str, ema: torch.nn.Module, o: dict, cur_nimg: int) -> str:
     """Write the EMA network as network-snapshot-KIMG.pt (rank 0); its path on every rank."""
-    path = os.path.join(run_dir, f'network-snapshot-{cur_nimg // 1000:06d}.pt')
+    path = os.path.join(run_dir, f'network-snapshot-{kimg_label(cur_nimg)}.pt')
     if distributed.get_rank() == 0:
         checkpoint.save_network(path, ema, augment_kwargs=o['augment_kwargs'], dataset_kwargs=o['dataset_kwargs'],
                                 kimg=cur_nimg / 1e3, meta=dict(run_dir=run_dir, seed=o['seed']))
@@ -172,16 +186,47 @@ def _truncate_stats(path: str, kimg: float) -> None:
             f.writelines(keep)
 
 
-def _start_run_dir(run_dir: str, options: dict) -> None:
-    """Create the run directory (rank 0) and write training_options.json."""
-    try:
-        os.makedirs(run_dir, exist_ok=True)
-    except OSError as e:
-        raise UserError(f'Cannot create output directory {run_dir}: {e.strerror or e}')
-    if not os.access(run_dir, os.W_OK | os.X_OK):
-        raise UserError(f'Output directory {run_dir} is not writable')
+def _absolute_paths(o: dict, now: dict | None = None) -> dict:
+    """o with its data set paths absolute (as training_options.json records them). Given the options
+    `now`, a path that moved together with the run directory (SFBD's E_k beside its fine-tune) counts
+    as the same path."""
+    o = dict(o)
+    for key in ('dataset_kwargs', 'mix_dataset_kwargs'):
+        if isinstance(o.get(key), dict) and isinstance(o[key].get('path'), str):
+            path = os.path.abspath(o[key]['path'])
+            if now is not None and isinstance((now.get(key) or {}).get('path'), str) and o.get('run_dir') and now.get('run_dir'):
+                if os.path.relpath(path, o['run_dir']) == os.path.relpath(now[key]['path'], now['run_dir']):
+                    path = now[key]['path']
+            o[key] = dict(o[key], path=path)
+    return o
+
+
+def _check_run_dir(run_dir: str, o: dict, resuming_here: bool) -> None:
+    """A run directory holds one run: a rerun continues it with the same options, anything else is refused."""
+    path = os.path.join(run_dir, 'training_options.json')
+    if os.path.isfile(path):
+        try:
+            with open(path) as f:
+                old = json.load(f)
+        except (OSError, ValueError) as e:
+            raise UserError(f'Cannot read {path}: {e}; remove it, or use another output directory')
+        # A fresh start may draw a new seed; a resumed one takes the state's seed and weights.
+        changes = changed_options(_absolute_paths(old, o), o, RESUMABLE + (STATE_WINS if resuming_here else ('seed',)))
+        if changes:
+            raise UserError(f'{run_dir} holds a training run with other options ({format_changes(changes)}); '
+                            'rerun with that run\'s options to continue it, or use another output directory')
+    if not resuming_here and find_latest_state(run_dir) is not None:
+        raise UserError(f'{run_dir} already holds the training states of a run; continue it with resume={run_dir} '
+                        '(train.py: rerun with --nosubdir and the same options), or use another output directory')
+
+
+def _start_run_dir(run_dir: str, options: dict, fresh: bool) -> None:
+    """Write training_options.json (rank 0); a fresh start drops the stats of an attempt that left no state."""
     with dnnlib.util.atomic_write(os.path.join(run_dir, 'training_options.json'), 'w') as f:
         json.dump(options, f, indent=2)
+    stats = os.path.join(run_dir, 'stats.jsonl')
+    if fresh and os.path.isfile(stats):
+        os.remove(stats)
 
 #----------------------------------------------------------------------------
 # Networks.
@@ -230,14 +275,16 @@ def _build_optimizer(params: list[torch.nn.Parameter], optimizer_kwargs: dict) -
 
 #----------------------------------------------------------------------------
 
-def training_loop(run_dir: str, device: str | torch.device | None = None, **kwargs: Any) -> str:
+def training_loop(run_dir: str, device: str | torch.device | None = None, *, break_lock: bool = False, **kwargs: Any) -> str:
     """Train a denoiser EDM-style with training.options.TrainingOptions(**kwargs); return the final snapshot's path.
 
     Launch with plain python (one process) or torchrun (one process per GPU; gloo on CPU); `device`
     defaults to this process's CUDA device, else the CPU. A fine-tune passes `transfer` (fresh Adam,
     lr warm-up restarted, images counted from 0); `resume` continues a training state exactly
     (weights, EMA, Adam, image counter, RNG, data order) and takes precedence over `transfer`, whose
-    weights that state already descends from. Every input is checked before run_dir is created.
+    weights that state already descends from. Every input is checked before run_dir is created; the
+    run directory is locked (torch_utils.lock; `break_lock` takes over a lock of another machine) and
+    holds one run: a call with other options than the run already there is refused.
     """
     start_time = time.time()
     distributed.init()
@@ -247,7 +294,7 @@ def training_loop(run_dir: str, device: str | torch.device | None = None, **kwar
     batch_gpu, num_rounds = batch_layout(options.batch_size, options.batch_gpu, distributed.get_world_size())
     resume_path = _resolve_resume(options.resume) if options.resume is not None else None
     # What training_options.json records: training_loop(**o) repeats the run.
-    o = dict(run_dir=run_dir, **options.to_json())
+    o = _absolute_paths(dict(run_dir=run_dir, **options.to_json()))
     o.update(resume=resume_path, loss_kwargs=o['loss_kwargs'] or dict(class_name='training.loss.EDMLoss'),
              optimizer_kwargs=o['optimizer_kwargs'] or dict(ADAM))
     perf.configure_backends(device, options.cudnn_benchmark)
@@ -261,34 +308,54 @@ def training_loop(run_dir: str, device: str | torch.device | None = None, **kwar
     t = _build(o, dataset, state, source, device)
     t.update(run_dir=run_dir, device=device, batch_gpu=batch_gpu, num_rounds=num_rounds, num_mix=num_mix,
              total_nimg=int(round(o['total_kimg'] * 1000)), start_time=start_time)
-    # 4. Every input checked: only now does the run directory appear, and log.txt starts.
-    if distributed.is_main():
-        _start_run_dir(run_dir, o)
-    distributed.barrier()
-    with dnnlib.util.tee_output(os.path.join(run_dir, 'log.txt') if distributed.is_main() else None):
-        _print_start(t, o, dataset, mix, resume_path)
-        if t.cur_nimg >= t.total_nimg:
-            # A state that already reached the duration (e.g. a rerun after the end) trains no further.
-            distributed.print0(f'The state is at {t.cur_nimg / 1e3:g} kimg, not before the end ({o["total_kimg"]:g} kimg): nothing to train')
-            return _save_snapshot(run_dir, t.ema, o, t.cur_nimg)
-        # 5. The loader: an endless batch sampler from this step on, so the order survives a resume.
-        data_iter = _make_loader(t, o, dataset, mix)
-        _restore_rng(t, o, state, resume_path)
-        del state
-        # 6. Train: steps, and at the end of every tick the progress line, snapshots and states.
-        return _train(t, o, data_iter)
+    # 4. Every input checked: only now does the run directory appear, locked against a second process; log.txt starts.
+    with lock.run_lock(run_dir, break_lock=break_lock):
+        resuming_here = resume_path is not None and os.path.abspath(os.path.dirname(resume_path)) == os.path.abspath(run_dir)
+        _check_run_dir(run_dir, o, resuming_here)
+        if distributed.is_main():
+            _start_run_dir(run_dir, o, fresh=state is None)
+        distributed.barrier()
+        with dnnlib.util.tee_output(os.path.join(run_dir, 'log.txt') if distributed.is_main() else None):
+            _print_start(t, o, dataset, mix, resume_path)
+            if t.cur_nimg >= t.total_nimg:
+                # A state that already reached the duration (e.g. a rerun after the end) trains no further.
+                distributed.print0(f'The state is at {t.cur_nimg / 1e3:g} kimg, not before the end ({o["total_kimg"]:g} kimg): nothing to train')
+                return _save_snapshot(run_dir, t.ema, o, t.cur_nimg)
+            # 5. The loader: an endless batch sampler from this step on, so the order survives a resume.
+            data_iter = _make_loader(t, o, dataset, mix)
+            _restore_rng(t, o, state, resume_path)
+            del state
+            # 6. Train: steps, and at the end of every tick the progress line, snapshots and states.
+            return _train(t, o, data_iter)
+
+
+def check_finite_images(dataset: Dataset, name: str, max_images: int = 512) -> np.ndarray | None:
+    """UserError if a float data set holds NaN or inf: every image of a small set, else `max_images`
+    evenly spaced ones. Returns the float images read (None for uint8 sets, which are always finite)."""
+    if not np.issubdtype(dataset[0][0].dtype, np.floating):
+        return None
+    rows = np.unique(np.linspace(0, len(dataset) - 1, num=min(len(dataset), max_images)).round().astype(np.int64))
+    images = np.stack([dataset[int(i)][0] for i in rows]).astype(np.float32)
+    bad = ~np.isfinite(images).reshape(len(rows), -1).all(axis=1)
+    if bad.any():
+        raise UserError(f'{name} holds values that are not finite (NaN or inf), e.g. in image {int(rows[bad.argmax()])}; '
+                        'fix the data set or make it again')
+    return images
 
 
 def _open_data(o: dict) -> tuple[Dataset, Dataset | None, int]:
     """(training set, mix set or None, images per batch from the mix set)."""
     dataset = dnnlib.util.construct_class_by_name(**{'class_name': 'training.dataset.open_dataset', **o['dataset_kwargs']})
+    check_finite_images(dataset, f'The training set {o["dataset_kwargs"].get("path")}')
     num_mix = int(round(o['mix_fraction'] * o['batch_size']))
     mix = None
     if num_mix > 0:
         mix = dnnlib.util.construct_class_by_name(**{'class_name': 'training.dataset.open_dataset', **o['mix_dataset_kwargs']})
+        check_finite_images(mix, f'The mix data set {o["mix_dataset_kwargs"].get("path")}')
         if (mix.image_shape, mix.label_dim) != (dataset.image_shape, dataset.label_dim):
             raise UserError(f'The mix data set has images {mix.image_shape} and {mix.label_dim} label dims; '
-                            f'the training set has {dataset.image_shape} and {dataset.label_dim}')
+                            f'the training set has {dataset.image_shape} and {dataset.label_dim}: give a mix set of the same '
+                            'resolution, channels and labels')
     return dataset, mix, num_mix
 
 
@@ -298,12 +365,21 @@ def _load_start(o: dict, resume_path: str | None, transfer: Any, dataset: Datase
     if resume_path is not None:
         distributed.print0(f'Loading training state from "{resume_path}"...')
         state = checkpoint.load_training_state(resume_path)
-        if (state.get('options') or {}).get('seed', o['seed']) != o['seed']:
-            # The seed keys the data order and the noise: only the state's own continues the run exactly.
-            distributed.print0(f'Resuming with the state\'s seed {state["options"]["seed"]}, not {o["seed"]}')
-            o['seed'] = state['options']['seed']
+        recorded = _absolute_paths(state.get('options') or {}, o)
         if transfer is not None:
             distributed.print0('Resuming: the state continues the transferred run, so its weights are used, not --transfer\'s')
+        # The seed keys the data order and the noise: only the state's own continues the run exactly (so
+        # for its EMA ramp-up and the weights it started from).
+        for key in STATE_WINS:
+            if key in recorded and recorded[key] != o[key]:
+                if key != 'transfer':
+                    distributed.print0(f'Resuming with the state\'s {key} {recorded[key]}, not {o[key]}')
+                o[key] = recorded[key]
+        changes = changed_options(recorded, o, RESUMABLE + STATE_WINS) if recorded else []
+        if changes:
+            raise UserError(f'Cannot resume {resume_path}: it was trained with other options ({format_changes(changes)}); give its '
+                            'options (only the duration, --tick, --snap, --dump, --keep and speed options may change), or start '
+                            'a new run elsewhere, from its weights with --transfer')
         return state, None
     if transfer is None:
         return None, None
@@ -320,11 +396,8 @@ def _build(o: dict, dataset: Dataset, state: dict | None, source: torch.nn.Modul
     distributed.print0('Constructing network...')
     torch.manual_seed(o['seed'])
     if o['network_kwargs'] is not None:
-        net_kwargs = dict(o['network_kwargs'], img_resolution=dataset.resolution, img_channels=dataset.num_channels,
-                          label_dim=dataset.label_dim)
-        if o['precision'] == 'fp16':
-            net_kwargs['use_fp16'] = True
-        net = dnnlib.util.construct_class_by_name(**net_kwargs)
+        net_kwargs = dict(o['network_kwargs'], use_fp16=True) if o['precision'] == 'fp16' else o['network_kwargs']
+        net = construct_network(net_kwargs, dataset.resolution, dataset.num_channels, dataset.label_dim)
     elif state is not None:
         net = checkpoint.build_network(state['class_name'], state['init_kwargs'])
     else:
@@ -337,7 +410,9 @@ def _build(o: dict, dataset: Dataset, state: dict | None, source: torch.nn.Modul
         _check_transfer(source, net, 'The transferred network')
         misc.copy_params_and_buffers(src_module=source, dst_module=net)
         misc.copy_params_and_buffers(src_module=source, dst_module=ema)
-    t = dnnlib.EasyDict(net=net, ema=ema, cur_nimg=0, cur_tick=0, loss_fn=dnnlib.util.construct_class_by_name(**o['loss_kwargs']),
+    zero = torch.zeros((), dtype=torch.int64, device=device)
+    t = dnnlib.EasyDict(net=net, ema=ema, cur_nimg=0, cur_tick=0, bad_steps=zero, max_bad_steps=zero,
+                        loss_fn=dnnlib.util.construct_class_by_name(**o['loss_kwargs']),
                         augment_pipe=dnnlib.util.construct_class_by_name(**o['augment_kwargs']) if o['augment_kwargs'] else None,
                         optimizer=_build_optimizer(list(net.parameters()), o['optimizer_kwargs']))
     if state is not None:
@@ -349,6 +424,48 @@ def _build(o: dict, dataset: Dataset, state: dict | None, source: torch.nn.Modul
         t.optimizer.load_state_dict(state['optimizer'])
         t.cur_nimg, t.cur_tick = int(state['cur_nimg']), int(state['cur_tick'])
     return t
+
+
+def construct_network(network_kwargs: dict, resolution: int, channels: int, label_dim: int = 0) -> torch.nn.Module:
+    """The network of `network_kwargs` for these images, on the CPU, tried on one image (eval mode, no
+    randomness drawn), so options that cannot work fail now in one line rather than at the first step."""
+    kwargs = dict(network_kwargs, img_resolution=resolution, img_channels=channels, label_dim=label_dim)
+    if 'channel_mult' in kwargs and not kwargs['channel_mult']:
+        raise UserError('--cres is empty: the network needs at least one resolution level, e.g. --cres=1,2')
+    _check_attention(kwargs)
+    what = f'The network options ({kwargs.get("class_name")}, --arch/--cbase/--cres/--blocks/--attn)'
+    try:
+        net = dnnlib.util.construct_class_by_name(**kwargs)
+    except (TypeError, ValueError, IndexError, KeyError, ZeroDivisionError, RuntimeError) as e:
+        raise UserError(f'{what} cannot build a network for {resolution}x{resolution} images: {type(e).__name__}: '
+                        f'{(str(e).splitlines() or [""])[0]}')
+    net.eval()
+    try:
+        with torch.no_grad():
+            net(torch.zeros([1, channels, resolution, resolution]), torch.ones([1]),
+                class_labels=torch.zeros([1, label_dim]) if label_dim else None)
+    except (RuntimeError, ValueError, IndexError, TypeError) as e:
+        raise UserError(f'{what} give a network that cannot run on {resolution}x{resolution} images: '
+                        f'{(str(e).splitlines() or [""])[0]}; use fewer --cres levels or more --cbase channels')
+    return net.train()
+
+
+def _check_attention(kwargs: dict) -> None:
+    """Attention at a resolution the network does not have would be silently no attention."""
+    attn = kwargs.get('attn_resolutions')
+    if not attn:
+        return
+    from training import networks
+    model = getattr(networks, kwargs.get('model_type', 'DhariwalUNet'), None)
+    if model is None:
+        return
+    mult = kwargs.get('channel_mult', inspect.signature(model).parameters['channel_mult'].default)
+    levels = [kwargs['img_resolution'] >> level for level in range(len(mult))]
+    bad = sorted(set(attn) - set(levels))
+    if bad:
+        raise UserError(f'--attn={",".join(map(str, attn))}: the network has no {bad[0]}x{bad[0]} level; for '
+                        f'{kwargs["img_resolution"]}x{kwargs["img_resolution"]} images and {len(mult)} --cres levels its '
+                        f'resolutions are {",".join(map(str, levels))}; pick from them, or --attn=none')
 
 
 def _print_start(t: dnnlib.EasyDict, o: dict, dataset: Dataset, mix: Dataset | None, resume_path: str | None) -> None:
@@ -404,6 +521,7 @@ def _train(t: dnnlib.EasyDict, o: dict, data_iter: Iterator) -> str:
         if not done and t.cur_tick != 0 and t.cur_nimg < t.tick_start_nimg + o['kimg_per_tick'] * 1000:
             continue
         tick_end_time = _report_tick(t, o)
+        _check_divergence(t, o)
         # Network snapshot (EMA weights) and full training state; always both at the end.
         if done or (o['snapshot_ticks'] is not None and t.cur_tick % o['snapshot_ticks'] == 0):
             final_snapshot = _save_snapshot(t.run_dir, t.ema, o, t.cur_nimg)
@@ -426,6 +544,7 @@ def _step(t: dnnlib.EasyDict, o: dict, data_iter: Iterator) -> None:
     t.optimizer.zero_grad(set_to_none=True)
     step_seed = rng.derive_seed(o['seed'], _KEY_STEP, t.step)
     batch_gpu_total = t.batch_gpu * t.num_rounds
+    finite = torch.ones((), dtype=torch.bool, device=t.device)
     for round_idx in range(t.num_rounds):
         images, labels = next(data_iter)
         images = perf.to_channels_last(images.to(t.device, non_blocking=True), o['channels_last'])
@@ -436,7 +555,10 @@ def _step(t: dnnlib.EasyDict, o: dict, data_iter: Iterator) -> None:
             with perf.autocast(t.device, o['precision']):
                 loss = t.loss_fn(net=t.model, images=images, labels=labels, augment_pipe=t.augment_pipe, rnd=rnd)
             training_stats.report('Loss/loss', loss)
+            finite &= torch.isfinite(loss).all()  # no synchronisation: read once per tick
             loss.sum().mul(o['loss_scaling'] / batch_gpu_total).backward()
+    t.bad_steps = (t.bad_steps + 1) * ~finite
+    t.max_bad_steps = torch.maximum(t.max_bad_steps, t.bad_steps)
 
     # lr warm-up over lr_rampup_kimg thousand images, counted from the start of this run (a fine-tune restarts it).
     t.lr = o['optimizer_kwargs']['lr'] * min(t.cur_nimg / max(o['lr_rampup_kimg'] * 1000, 1e-8), 1)
@@ -454,6 +576,19 @@ def _step(t: dnnlib.EasyDict, o: dict, data_iter: Iterator) -> None:
         torch._foreach_lerp_(list(t.ema.parameters()), list(t.net.parameters()), 1 - t.ema_beta)  # One kernel per group.
     t.cur_nimg += o['batch_size']
     t.step += 1
+
+
+def _check_divergence(t: dnnlib.EasyDict, o: dict) -> None:
+    """Stop in one line (every rank alike) once the loss was not finite for NONFINITE_STEPS steps in a row,
+    or a weight is not finite; before the tick's snapshot and state, so the newest saved ones stay good."""
+    weights_finite = torch.stack([p.isfinite().all() for p in itertools.chain(t.net.parameters(), t.ema.parameters())]).all()
+    bad = torch.stack([t.max_bad_steps >= NONFINITE_STEPS, ~weights_finite]).to(torch.float32)
+    long_streak, bad_weights = distributed.all_reduce_sum(bad).tolist()
+    t.max_bad_steps = t.bad_steps
+    if long_streak or bad_weights:
+        what = 'the weights are not finite' if bad_weights else f'the loss was not finite for {NONFINITE_STEPS} steps in a row'
+        raise UserError(f'Training diverged at {t.cur_nimg / 1e3:g} kimg: {what}; nothing after the newest state in {t.run_dir} '
+                        f'was saved. Lower the learning rate (it is {o["optimizer_kwargs"]["lr"]:g}), or check the data for NaN/inf')
 
 
 def _report_tick(t: dnnlib.EasyDict, o: dict) -> float:
@@ -492,7 +627,7 @@ def _save_state(t: dnnlib.EasyDict, o: dict) -> None:
     """training-state-KIMG.pt: net, EMA, Adam, counters and every rank's RNG state (collective; rank 0 writes)."""
     rng_state = _rng_state(t.device)
     if distributed.is_main():
-        checkpoint.save_training_state(os.path.join(t.run_dir, f'training-state-{t.cur_nimg // 1000:06d}.pt'), net=t.net,
+        checkpoint.save_training_state(os.path.join(t.run_dir, f'training-state-{kimg_label(t.cur_nimg)}.pt'), net=t.net,
                                        ema=t.ema, optimizer=t.optimizer, cur_nimg=t.cur_nimg, cur_tick=t.cur_tick + 1,
                                        rng=rng_state, options=o)
         _prune(t.run_dir, _STATE_RE, o['keep_last'])
