@@ -164,6 +164,29 @@ def test_backward_nfe_counts_the_calls():
             sampler.backward_sample(denoise, torch.zeros([1, 1, 2, 2], dtype=torch.float64), sigma_tau, steps, solver=solver)
             assert len(calls) == online.backward_nfe(sigma_tau, steps, _Identity()) == online.backward_nfe(sigma_tau, steps)
 
+def test_e_files_live_as_long_as_their_states(tmp_path):
+    """E-NIMG files beside states: kept while a state of that image count may exist, removed once it cannot."""
+    hook = online.OnlineSFBD.__new__(online.OnlineSFBD)
+    hook.E, hook.s = online.DenoisedSet(np.zeros([2, 1, 8, 8], np.uint8)), dnnlib.EasyDict(saved=[], records=[])
+
+    def save(nimg: int, kimg: int) -> None:  # what _save_state does: the hook first, then the state
+        state = tmp_path / f'training-state-{kimg:06d}.pt'
+        hook.save_state(dnnlib.EasyDict(cur_nimg=nimg), {}, str(state))
+        state.write_bytes(b'')
+
+    def e_files() -> list[int]:
+        return sorted(int(f[2:-4]) for f in os.listdir(tmp_path) if f.startswith('E-') and f.endswith('.npy'))
+    save(100, 0)
+    save(200, 0)  # overwrites the state of 100: E-100 stays until this write is known to have happened
+    assert e_files() == [100, 200]
+    save(1100, 1)
+    assert e_files() == [200, 1100]
+    os.remove(tmp_path / 'training-state-000000.pt')  # --keep=1 prunes the older state after writing the newer
+    save(2100, 2)
+    assert e_files() == [1100, 2100]
+    os.remove(tmp_path / 'training-state-000001.pt')
+    assert online._final_records(str(tmp_path)) == [] and e_files() == [2100]  # the end: only the final state's E
+
 #----------------------------------------------------------------------------
 # A whole run.
 
@@ -301,5 +324,9 @@ def test_bad_input_one_line(run_a, data, tmp_path):
         text = e.value.format_message()
         assert message in text and '\n' not in text, (what, text)
     assert not any(os.path.exists(tmp_path / d / 'online_options.json') for d in 'abcde')
+    opts = json.load(open(os.path.join(run_a, 'online', 'training_options.json')))
+    with pytest.raises(click.ClickException, match='needs mix_dataset_kwargs'):  # E comes from the hook only
+        training_loop.training_loop(str(tmp_path / 'f'), **{k: v for k, v in opts.items() if k != 'run_dir'})
+    assert not os.path.exists(tmp_path / 'f')
     with pytest.raises(click.ClickException, match='holds an online SFBD run'):
         run_cli([a for a in cli_args(data, run_a) if not a.startswith(('--online', '--refresh', '--ramp', '--eval-kimg'))])
