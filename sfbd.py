@@ -1,14 +1,19 @@
 """SFBD (Algorithm 1) in one command: pretrain, then denoise the noisy set and fine-tune, K times, evaluating as it goes."""
 
+import dataclasses
+
 import click
 
 from dnnlib.cli import AUTO_HELP, DETECTOR_HELP, INFERENCE_PRECISION_HELP, check_writable_dir, config_option, grid_option, train_options
 from dnnlib.util import UserError
 from torch_utils import distributed, perf
-from training import options, plan, sfbd
-from training.options import FINETUNE_DATA, SFBDOptions, TrainOptions
+from training import online, options, plan, sfbd
+from training.options import FINETUNE_DATA, OnlineOptions, SFBDOptions, TrainOptions
 
 D = SFBDOptions(clean='', noisy='', train_kwargs={})  # the defaults
+DO = OnlineOptions()  # the defaults of --online
+ONLINE_FIELDS = tuple(f.name for f in dataclasses.fields(OnlineOptions))
+BATCH_ONLY = ('iters', 'finetune_kimg', 'finetune_data', 'clean_mix', 'eval_every', 'final_fid_repeats')  # flags online SFBD has no use for
 
 #----------------------------------------------------------------------------
 
@@ -58,6 +63,20 @@ D = SFBDOptions(clean='', noisy='', train_kwargs={})  # the defaults
 @click.option('-n', '--dry-run', help='Print the plan (phases, images, network evaluations, estimated wall time on this machine from a few timed steps of the real network) and exit; writes nothing', is_flag=True)
 @click.option('--seed',          help='Seed of pretraining, fine-tuning (seed + k) and denoising (image i of E_k: seed, k, i)', metavar='INT', type=click.IntRange(min=0), default=D.seed)
 
+# Online SFBD (SFBD flow, Lu, Lo, Yu, AISTATS 2026): one training run on D_clean and E, E refreshed a slice at a time.
+@click.option('--online',        help='Online SFBD instead of Algorithm 1: after model 0, one run on D_clean and E whose rows are re-denoised by the current EMA network a slice at a time (--iters, --finetune-kimg, --clean-mix, --eval-every do not apply)', is_flag=True)
+@click.option('--online-kimg',   help='--online: the run after model 0, thousands of images', metavar='KIMG', type=click.FloatRange(min=0, min_open=True), default=DO.online_kimg)
+@click.option('--refresh-every', help='--online: m, optimizer steps between two refreshes of E (the paper: 20 for CIFAR-10)', metavar='M', type=click.IntRange(min=1), default=DO.refresh_every)
+@click.option('--refresh-num',   help='--online: rows of E backward-denoised per refresh (the kid rule: the most), in a seeded order that visits every row once per cycle', metavar='N', type=click.IntRange(min=1), default=DO.refresh_num)
+@click.option('--refresh-rule',  help='--online: fixed = commit every denoised row; kid = commit N x the relative KID improvement of the new rows over the rows they replace, measured against D_clean', type=click.Choice(list(options.REFRESH_RULES)), default=DO.refresh_rule)
+@click.option('--refresh-min',   help='--online --refresh-rule=kid: rows committed at least per refresh  [default: --refresh-num / 4]', metavar='N', type=click.IntRange(min=0), default=DO.refresh_min)
+@click.option('--kid-detector',  help='--online --refresh-rule=kid: feature detector of the KID (pixels, inception, ...)  [default: --detector]', metavar='NAME|PKL', type=str)
+@click.option('--ramp-start', 'ramp_start_kimg', help='--online: the weight of E\'s rows is 0 until this online kimg ...', metavar='KIMG', type=click.FloatRange(min=0), default=DO.ramp_start_kimg)
+@click.option('--ramp-end', 'ramp_end_kimg', help='--online: ... and rises linearly to 1 at this online kimg', metavar='KIMG', type=click.FloatRange(min=0), default=DO.ramp_end_kimg)
+@click.option('--online-init', 'init', help='--online: E before the first refresh: denoise = the noisy set denoised once by model 0; noisy = the noisy images themselves', type=click.Choice(list(options.ONLINE_INITS)), default=DO.init)
+@click.option('--e-share',       help='--online: share of each batch drawn from E  [default: E\'s share of D_clean and E together]', metavar='FLOAT', type=click.FloatRange(min=0, max=1, min_open=True, max_open=True))
+@click.option('--eval-kimg',     help='--online: samples, E\'s error and FID every this many online kimg (at tick ends), and at the end', metavar='KIMG', type=click.FloatRange(min=0, min_open=True), default=DO.eval_kimg)
+
 def main(**kwargs) -> None:
     """Train a diffusion model from a few clean and many noisy images with SFBD (Lu, Wu, Yu, ICML 2025).
 
@@ -76,12 +95,26 @@ def main(**kwargs) -> None:
     sfbd_options.json, log.txt, metrics.jsonl, metrics.png, pretrain/, iter-000/ (model 0),
     iter-KKK/{denoised/, finetune/, samples.png, strip.png, DONE}.
 
+    --online runs Online SFBD (SFBD flow's practical form) instead: after model 0, one training run
+    on D_clean and a denoised set E (the noisy set denoised once by model 0), whose rows weigh 0 at
+    first and 1 after a linear ramp (--ramp-start, --ramp-end); every --refresh-every steps the next
+    --refresh-num rows of E (a seeded order visiting every row once per cycle) are re-denoised with the
+    current EMA network. Run directory: online_options.json, log.txt, metrics.jsonl, metrics.png,
+    pretrain/, iter-000/denoised/ (E before the first refresh), eval-KKK/, online/ (the training
+    run, with E-NIMG.npy/.json beside every training state).
+
     Examples:
 
     \b
     # CIFAR-10, 4% clean, sigma 0.2, 8 GPUs:
     torchrun --standalone --nproc_per_node=8 sfbd.py --config=cifar10-ddpmpp --outdir=sfbd-runs/cifar10 \\
         --clean=datasets/cifar10-clean.zip --noisy=datasets/cifar10-noisy-0.2 \\
+        --fid-ref=https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz
+
+    \b
+    # Online SFBD in the paper's CIFAR-10 setting (4% clean, sigma 0.59, m = 20 steps per refresh):
+    torchrun --standalone --nproc_per_node=8 sfbd.py --config=cifar10-ddpmpp --online --outdir=sfbd-runs/cifar10-online \\
+        --clean=datasets/cifar10-clean-4pct.zip --noisy=datasets/cifar10-noisy-4pct-0.59 \\
         --fid-ref=https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz
 
     \b
@@ -94,16 +127,35 @@ def main(**kwargs) -> None:
     given = click.get_current_context().get_parameter_source('pretrain_kimg') == click.core.ParameterSource.COMMANDLINE
     if kwargs['pretrained'] is not None and given:
         raise UserError('--pretrain-kimg has no effect with --pretrained (pretraining is skipped): drop one of them')
+    is_online = kwargs.pop('online')
+    on = OnlineOptions(**{name: kwargs.pop(name) for name in ONLINE_FIELDS})
+    _check_mode(is_online)
     distributed.init()
     check_writable_dir(run_dir, '--outdir')
     o = options.sfbd_options(t, distributed.device(), **kwargs)
     if dry_run:
+        if is_online:
+            raise UserError('--dry-run plans batch SFBD runs; drop --online to see the plan of the batch schedule')
         o.check()
         distributed.print0(plan.format_plan(plan.plan_sfbd(o)))
         distributed.print0('Dry run; nothing written.')
         return
-    sfbd.run_sfbd(run_dir, break_lock=break_lock, **vars(o))
+    if is_online:
+        online.run_online(run_dir, online=on, break_lock=break_lock, **vars(o))
+    else:
+        sfbd.run_sfbd(run_dir, break_lock=break_lock, **vars(o))
     distributed.cleanup()
+
+
+def _check_mode(is_online: bool) -> None:
+    """Flags given on the command line that the chosen mode would ignore are a one-line error."""
+    ctx = click.get_current_context()
+    given = [p for p in ctx.command.params if ctx.get_parameter_source(p.name) == click.core.ParameterSource.COMMANDLINE]
+    wrong = [p for p in given if p.name in (BATCH_ONLY if is_online else ONLINE_FIELDS)]
+    if wrong:
+        flag = wrong[0].opts[0]
+        raise UserError(f'{flag} is for {"batch SFBD (without --online)" if is_online else "online SFBD"}; '
+                        f'{"drop it" if is_online else "add --online or drop it"}')
 
 #----------------------------------------------------------------------------
 

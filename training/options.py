@@ -398,3 +398,59 @@ def schedule_warnings(o: SFBDOptions) -> list[str]:
                 f'rate; pass --ft-lr-rampup <= --finetune-kimg to reach it']
     return []
 
+
+#----------------------------------------------------------------------------
+# Online SFBD (SFBD flow's practical form, training.online): one training run on D_clean and a denoised set E
+# that is refreshed a slice at a time with the current EMA network.
+
+REFRESH_RULES = ('fixed', 'kid')
+ONLINE_INITS = ('denoise', 'noisy')
+
+
+@dataclasses.dataclass
+class OnlineOptions:
+    """run_online's own options, beside the SFBDOptions it shares with batch SFBD (both in online_options.json)."""
+    online_kimg: float = 20000                    # The online run after model 0, thousands of images.
+    refresh_every: int = 20                       # m: optimizer steps between two refreshes of E (paper: 20, CIFAR-10).
+    refresh_num: int = 256                        # Rows of E backward-denoised per refresh (the 'kid' rule: the most).
+    refresh_rule: str = 'fixed'                   # 'fixed' (commit every denoised row) | 'kid' (commit a KID-chosen number).
+    refresh_min: int | None = None                # 'kid' rule: rows committed at least (the cycle always advances); None: 1/4.
+    kid_detector: str | None = None               # Features of the 'kid' rule (training.metrics.load_detector); None: detector.
+    ramp_start_kimg: float = 0                    # Weight of E's rows is 0 until here (online kimg) ...
+    ramp_end_kimg: float = 2000                   # ... and rises linearly to 1 here.
+    init: str = 'denoise'                         # E before the first refresh: 'denoise' (model 0 denoises all) | 'noisy'.
+    e_share: float | None = None                  # Share of each batch from E; None: E's share of D_clean + E.
+    eval_kimg: float = 2000                       # Evaluation (samples, E's error, FID) every this many kimg, and at the end.
+
+    def check(self) -> None:
+        """One-line errors for values no run can use (the data sets are checked by run_online)."""
+        if self.refresh_rule not in REFRESH_RULES:
+            raise UserError(f'Unknown --refresh-rule {self.refresh_rule!r}: use one of {", ".join(REFRESH_RULES)}')
+        if self.init not in ONLINE_INITS:
+            raise UserError(f'Unknown --online-init {self.init!r}: use one of {", ".join(ONLINE_INITS)}')
+        for name in ('online_kimg', 'eval_kimg'):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise UserError(f'--{name.replace("_", "-")} must be a positive number, got {value}')
+        if self.refresh_every < 1 or self.refresh_num < 1:
+            raise UserError(f'--refresh-every and --refresh-num must be at least 1, got {self.refresh_every} and {self.refresh_num}')
+        if self.refresh_min is not None and not 0 <= self.refresh_min <= self.refresh_num:
+            raise UserError(f'--refresh-min must be in [0, --refresh-num={self.refresh_num}], got {self.refresh_min}')
+        if not (math.isfinite(self.ramp_start_kimg) and math.isfinite(self.ramp_end_kimg) and 0 <= self.ramp_start_kimg <= self.ramp_end_kimg):
+            raise UserError(f'Need 0 <= --ramp-start <= --ramp-end, got {self.ramp_start_kimg} and {self.ramp_end_kimg}')
+        if self.e_share is not None and not 0 < self.e_share < 1:
+            raise UserError(f'--e-share must be in (0, 1), got {self.e_share}')
+
+    def to_json(self) -> dict:
+        return json_round_trip(dataclasses.asdict(self))
+
+
+def online_kwargs(o: SFBDOptions, on: OnlineOptions, network: str, e_share: float) -> dict:
+    """training_loop options of the online run, everything it trains with but E itself (training.online's hook gives it).
+
+    Start: model 0 (`network`) as a fine-tune starts (finetune_kwargs: copied into net and EMA, its own
+    architecture, fresh Adam, lr warm-up restarted, no EMA ramp-up, the finetune_* lr/warm-up/EMA), seed
+    `seed + 1`. Data: D_clean, with round(e_share * batch) rows of every batch from E. Duration online_kimg.
+    """
+    on_clean = dataclasses.replace(o, finetune_data='denoised', clean_mix=0.0)  # the training set is D_clean itself; E comes as the mix set
+    return dict(finetune_kwargs(on_clean, 1, network, o.clean), total_kimg=on.online_kimg, mix_dataset_kwargs=None, mix_fraction=e_share)

@@ -5,7 +5,7 @@ import math
 import os
 import shutil
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -31,6 +31,7 @@ from training.options import SFBDOptions
 # trains it further; DONE is JSON {"network": path of model k, "metrics": record} and ends iteration k.
 
 OPTIONS_FILE = 'sfbd_options.json'
+ONLINE_OPTIONS_FILE = 'online_options.json'  # the run directory of sfbd.py --online (training.online)
 RESUMABLE_CHANGES = ('iters',)  # may differ on a rerun: more iterations extend a finished run
 # sigma_tau is in [-1, 1] pixel units: the paper's levels are 0.2 .. 1.38; above this a dataset.json surely
 # means another unit (0..255: divide by 127.5).
@@ -72,13 +73,14 @@ def _main_reads_json(path: str) -> Any:
 #----------------------------------------------------------------------------
 # Options.
 
-def _check_options_match(run_dir: str, recorded: dict) -> None:
-    """A rerun continues the run in run_dir only with the options it was started with."""
-    path = os.path.join(run_dir, OPTIONS_FILE)
+def _check_options_match(run_dir: str, recorded: dict, name: str = OPTIONS_FILE,
+                         resumable: tuple[str, ...] = RESUMABLE_CHANGES) -> None:
+    """A rerun continues the run in run_dir only with the options it was started with (recorded in `name`)."""
+    path = os.path.join(run_dir, name)
     if not os.path.isfile(path):
         return
     old = _read_json(path)
-    changed = sorted(k for k in set(old) | set(recorded) if k not in RESUMABLE_CHANGES and old.get(k) != recorded.get(k))
+    changed = sorted(k for k in set(old) | set(recorded) if k not in resumable and old.get(k) != recorded.get(k))
     if changed:
         k = changed[0]
         raise UserError(f'{run_dir} holds an SFBD run with other options ({", ".join(changed)}; e.g. {k}: '
@@ -221,6 +223,34 @@ def _to_storage(x: torch.Tensor, dtype: str) -> np.ndarray:
     return (images.to_uint8(x) if dtype == 'uint8' else x.to(torch.float32)).cpu().numpy()
 
 
+class NonFiniteImages(Exception):
+    """A chunk whose noisy input (kind 0) or denoised output (kind 1) holds NaN or inf."""
+
+    def __init__(self, kind: int):
+        super().__init__(kind)
+        self.kind = kind
+
+
+@torch.no_grad()
+def backward_denoise(net: torch.nn.Module, noisy: Dataset, rows: Sequence[int], seeds: Sequence[int], *, sigma_tau: float,
+                     num_steps: int, solver: str, dtype: str = 'uint8', device: torch.device | str = 'cpu') -> np.ndarray:
+    """Rows `rows` of `noisy` backward-denoised from sigma_tau by `net` in one batch, as stored (uint8 or float32).
+
+    Row rows[j] draws its noise (solver 'sde') from seeds[j]; the sigma range is clipped to the network's.
+    Non-finite input or output raises NonFiniteImages (the caller decides, collectively, what to do).
+    """
+    y = to_model_space(torch.from_numpy(np.stack([noisy[int(i)][0] for i in rows]))).to(device)
+    if not y.isfinite().all():
+        raise NonFiniteImages(0)
+    rnd = rng.StackedRandomGenerator(device, seeds)
+    x = sampler.backward_sample(sampler.net_denoiser(net), y.to(torch.float64), sigma_tau, num_steps, solver=solver,
+                                sigma_min=max(sampler.SIGMA_MIN, net.sigma_min), sigma_max=min(sampler.SIGMA_MAX, net.sigma_max),
+                                randn_like=rnd.randn_like, round_sigma=net.round_sigma)
+    if not x.isfinite().all():
+        raise NonFiniteImages(1)
+    return _to_storage(x, dtype)
+
+
 @torch.no_grad()
 def denoise_dataset(net: torch.nn.Module, noisy: Dataset, dest: str, *, sigma_tau: float, num_steps: int, solver: str,
                     seed: int, k: int, batch_size: int, dtype: str = 'uint8', device: torch.device | str = 'cpu',
@@ -240,26 +270,20 @@ def denoise_dataset(net: torch.nn.Module, noisy: Dataset, dest: str, *, sigma_ta
     if distributed.is_main():
         os.makedirs(parts_dir, exist_ok=True)
     distributed.barrier()
-    denoise = sampler.net_denoiser(net)
     progress = _progress(n, sum(stop - start for start, stop in mine), f'Denoising E_{k}')
     bad = torch.zeros(2, dtype=torch.float64)  # chunks whose noisy input / denoised output is not finite
     for start, stop in mine:
         path = _chunk_path(parts_dir, start, stop)
         if not os.path.isfile(path):
-            y = to_model_space(torch.from_numpy(np.stack([noisy[i][0] for i in range(start, stop)]))).to(device)
-            if not y.isfinite().all():
-                bad[0] += 1
-                continue
-            rnd = rng.StackedRandomGenerator(device, [rng.derive_seed(seed, k, i) for i in range(start, stop)])
-            x = sampler.backward_sample(denoise, y.to(torch.float64), sigma_tau, num_steps, solver=solver,
-                                        sigma_min=max(sampler.SIGMA_MIN, net.sigma_min),
-                                        sigma_max=min(sampler.SIGMA_MAX, net.sigma_max),
-                                        randn_like=rnd.randn_like, round_sigma=net.round_sigma)
-            if not x.isfinite().all():
-                bad[1] += 1
+            rows = range(start, stop)
+            try:
+                x = backward_denoise(net, noisy, rows, [rng.derive_seed(seed, k, i) for i in rows], sigma_tau=sigma_tau,
+                                     num_steps=num_steps, solver=solver, dtype=dtype, device=device)
+            except NonFiniteImages as e:
+                bad[e.kind] += 1
                 continue  # never stored: uint8 would turn NaN into black pixels
             with dnnlib.util.atomic_write(path) as f:
-                np.save(f, _to_storage(x, dtype))
+                np.save(f, x)
         progress(stop - start)
     bad_inputs, bad_outputs = distributed.all_reduce_sum(bad).tolist()  # every rank stops alike
     if bad_inputs:
@@ -305,8 +329,8 @@ def save_samples(path: str, net: torch.nn.Module, num: int, sampler_kwargs: dict
     images.save_grid(path, images.grid_rows(x), pad=1)
 
 
-def plot_metrics(path: str, records: list[dict]) -> None:
-    """metrics.png: every metric in PLOTTED against the iteration k (matplotlib's Agg canvas, no display)."""
+def plot_metrics(path: str, records: list[dict], x: str = 'k', xlabel: str = 'SFBD iteration k') -> None:
+    """metrics.png: every metric in PLOTTED against record key `x`, the iteration k by default (matplotlib's Agg canvas)."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
     keys = [key for key in PLOTTED if any(r.get(key) is not None for r in records)]
@@ -314,27 +338,29 @@ def plot_metrics(path: str, records: list[dict]) -> None:
         return
     fig = Figure(figsize=(4.5 * len(keys), 3.5), layout='constrained')
     for ax, key in zip(fig.subplots(1, len(keys), squeeze=False)[0], keys):
-        points = [(r['k'], r[key]) for r in records if r.get(key) is not None]
+        points = [(r[x], r[key]) for r in records if r.get(key) is not None]
         ax.plot(*zip(*points), marker='o')
-        ax.set_xlabel('SFBD iteration k')
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel(xlabel)
+        if x == 'k':
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(PLOTTED[key])
         ax.grid(alpha=0.3)
     with dnnlib.util.atomic_write(path) as f:
         fig.savefig(f, format='png', dpi=100)
 
 
-def format_summary(records: list[dict]) -> str:
-    """One line per model k: FID, denoising MSE and PSNR of E_k, time spent."""
-    lines = [f'{"k":>3}  {"FID":>10}  {"MSE [-1,1]":>11}  {"PSNR dB":>8}  {"time":>8}  network']
+def format_summary(records: list[dict], key: str = 'k') -> str:
+    """One line per model (record key `key`: the iteration k by default): FID, denoising MSE and PSNR of E, time spent."""
+    def num(r: dict, name: str, fmt: str) -> str:
+        return format(r[name], fmt) if r.get(name) is not None else '-'
+    w = max([3, len(key)] + [len(num(r, key, 'g')) for r in records])
+    lines = [f'{key:>{w}}  {"FID":>10}  {"MSE [-1,1]":>11}  {"PSNR dB":>8}  {"time":>8}  network']
     for r in records:
-        def num(key: str, fmt: str) -> str:
-            return format(r[key], fmt) if r.get(key) is not None else '-'
-        lines.append(f'{r["k"]:>3}  {num("fid", ".4f"):>10}  {num("denoise_mse", ".3e"):>11}  {num("denoise_psnr", ".2f"):>8}  '
-                     f'{dnnlib.util.format_time(r.get("sec", 0)):>8}  {r["network"]}')
+        lines.append(f'{num(r, key, "g"):>{w}}  {num(r, "fid", ".4f"):>10}  {num(r, "denoise_mse", ".3e"):>11}  '
+                     f'{num(r, "denoise_psnr", ".2f"):>8}  {dnnlib.util.format_time(r.get("sec", 0)):>8}  {r["network"]}')
     last = records[-1] if records else {}
     if last.get('fid_min') is not None:
-        lines.append(f'Model {last["k"]}: FID min {last["fid_min"]:.4f} mean {last["fid_mean"]:.4f} over '
+        lines.append(f'Model {last[key]}: FID min {last["fid_min"]:.4f} mean {last["fid_mean"]:.4f} over '
                      f'{last["fid_repeats"]} seed sets of {last["fid_num"]} images (EDM reports the minimum)')
     return '\n'.join(lines)
 
@@ -366,13 +392,13 @@ def _evaluate(k: int, network: str, o: SFBDOptions, run: dnnlib.EasyDict) -> dic
         save_samples(os.path.join(d, 'samples.png'), net, o.grid_num, sampler_kwargs, run.device)
     if run.detector is not None and (k % o.eval_every == 0 or k == o.iters):
         # The last model as EDM reports it: seed set r = [r * eval_num, (r + 1) * eval_num); 'fid' is set 0 for every k.
-        fids = [_fid(net, range(r * o.eval_num, (r + 1) * o.eval_num), o, run, f'model {k}, seed set {r + 1}')
+        sets = [network_fid(net, o, run, f'model {k}, seed set {r + 1}', first_seed=r * o.eval_num)
                 for r in range(o.final_fid_repeats if k == o.iters else 1)]
-        record.update(fid=fids[0], fid_detector=run.detector.name, fid_num=o.eval_num)
-        if len(fids) > 1:
+        record.update(sets[0])
+        if len(sets) > 1:
+            fids = [x['fid'] for x in sets]
             record.update(fid_min=min(fids), fid_mean=float(np.mean(fids)), fid_repeats=len(fids))
-        distributed.print0(f'FID of model {k}: {", ".join(f"{x:.4f}" for x in fids)} ({o.eval_num} images per seed set, '
-                           f'detector {run.detector.name})' + (f'; min {min(fids):.4f} mean {np.mean(fids):.4f}' if len(fids) > 1 else ''))
+            distributed.print0(f'FID of model {k} over {len(fids)} seed sets: min {min(fids):.4f} mean {np.mean(fids):.4f}')
     if o.audit_num > 0:
         record.update(_audit(net, d, o, run))
     distributed.barrier()
@@ -393,25 +419,33 @@ def _audit(net: torch.nn.Module, d: str, o: SFBDOptions, run: dnnlib.EasyDict) -
     return dict(distributed.broadcast_object(summary), audit_num=o.audit_num)
 
 
-def _fid(net: torch.nn.Module, seeds: range, o: SFBDOptions, run: dnnlib.EasyDict, desc: str) -> float:
-    """FID of the images generated for `seeds` (sharded over ranks) against the reference; collective."""
-    progress = _progress(len(seeds), len(distributed.shard(len(seeds))), f'Generating for FID of {desc}')
+def network_fid(net: torch.nn.Module, o: SFBDOptions, run: dnnlib.EasyDict, name: str, first_seed: int = 0) -> dict:
+    """{fid, fid_detector, fid_num} of o.eval_num images of `net` (seeds first_seed.., Heun o.eval_steps) against run.ref;
+    collective."""
+    progress = _progress(o.eval_num, len(distributed.shard(o.eval_num)), f'Generating for FID of {name}')
 
     def batches() -> Iterator[torch.Tensor]:
-        for batch_seeds, batch in generation.generate_images(net, seeds, batch_size=o.eval_batch, device=run.device,
-                                                             sampler_kwargs=dict(num_steps=o.eval_steps)):
-            progress(len(batch_seeds))
+        for seeds, batch in generation.generate_images(net, range(first_seed, first_seed + o.eval_num), batch_size=o.eval_batch,
+                                                       device=run.device, sampler_kwargs=dict(num_steps=o.eval_steps)):
+            progress(len(seeds))
             yield batch
-    return metrics.fid_from_stats(metrics.compute_feature_stats(batches(), run.detector), run.ref)
+    fid = metrics.fid_from_stats(metrics.compute_feature_stats(batches(), run.detector), run.ref)
+    distributed.print0(f'FID of {name}: {fid:.4f} ({o.eval_num} images, detector {run.detector.name})')
+    return dict(fid=fid, fid_detector=run.detector.name, fid_num=o.eval_num)
+
+
+def write_metrics(run_dir: str, records: list[dict], **plot_kwargs: Any) -> None:
+    """metrics.jsonl (one record per line, rewritten atomically) and metrics.png of `records` (call on rank 0)."""
+    with dnnlib.util.atomic_write(os.path.join(run_dir, 'metrics.jsonl'), 'w') as f:
+        f.writelines(json.dumps(r, default=json_default) + '\n' for r in records)
+    plot_metrics(os.path.join(run_dir, 'metrics.png'), records, **plot_kwargs)
 
 
 def _finish(k: int, record: dict, records: list[dict], run_dir: str) -> None:
     """Rank 0 writes metrics.jsonl and metrics.png from all records, then iteration k's DONE marker."""
     records.append(record)
     if distributed.is_main():
-        with dnnlib.util.atomic_write(os.path.join(run_dir, 'metrics.jsonl'), 'w') as f:
-            f.writelines(json.dumps(r, default=json_default) + '\n' for r in records)
-        plot_metrics(os.path.join(run_dir, 'metrics.png'), records)
+        write_metrics(run_dir, records)
         _write_json(os.path.join(iter_dir(run_dir, k), 'DONE'), {'network': record['network'], 'metrics': record})
     distributed.barrier()
 
@@ -454,6 +488,8 @@ def run_sfbd(run_dir: str, device: str | torch.device | None = None, *, break_lo
     o = SFBDOptions(**o.to_json())  # exactly what sfbd_options.json holds
     run = _open_inputs(o, device)
     run.update(run_dir=run_dir, break_lock=break_lock)
+    if os.path.isfile(os.path.join(run_dir, ONLINE_OPTIONS_FILE)):
+        raise UserError(f'{run_dir} holds an online SFBD run (sfbd.py --online); rerun it with --online or use a new --outdir')
     with lock.run_lock(run_dir, break_lock=break_lock):
         _check_options_match(run_dir, o.to_json())
         if distributed.is_main():

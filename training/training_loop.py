@@ -103,10 +103,14 @@ class BatchOrder(torch.utils.data.Sampler):
             parts.append(self.main_size + self.mix.take(step * self.num_mix, self.num_mix))
         return np.concatenate(parts)
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def rank_rows(self, step: int) -> np.ndarray:
+        """This rank's rows of the global batch of `step`, its accumulation rounds one after another."""
         per_rank = self.batch_gpu * self.num_rounds
+        return self.global_batch(step)[self.rank * per_rank:(self.rank + 1) * per_rank]
+
+    def __iter__(self) -> Iterator[list[int]]:
         for step in itertools.count(self.start_step):
-            rows = self.global_batch(step)[self.rank * per_rank:(self.rank + 1) * per_rank]
+            rows = self.rank_rows(step)
             for r in range(self.num_rounds):
                 yield rows[r * self.batch_gpu:(r + 1) * self.batch_gpu].tolist()
 
@@ -123,6 +127,37 @@ class _TrainingSet(torch.utils.data.Dataset):
     def __getitem__(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         image, label = self.main[idx] if idx < len(self.main) else self.mix[idx - len(self.main)]
         return to_model_space(torch.from_numpy(image)), torch.from_numpy(label)
+
+#----------------------------------------------------------------------------
+# Hooks: what a caller runs inside the loop (SFBD's online mode, training.online). The base does nothing.
+
+class TrainingHook:
+    """Callbacks of training_loop(hook=...); every rank calls each of them at the same point, so they may be collective.
+
+    `t` is the loop's state (net, ema, optimizer, cur_nimg, step, order, run_dir, device, ...), `o` its options.
+    """
+
+    def mix_dataset(self, o: dict) -> Dataset | None:
+        """The mix data set to train with instead of opening o['mix_dataset_kwargs'] (None: open it)."""
+        return None
+
+    def start(self, t: dnnlib.EasyDict, o: dict, resume_path: str | None) -> None:
+        """Before the first step of this call (after a resume has restored the loop's state from resume_path)."""
+
+    def batch(self, t: dnnlib.EasyDict, round_idx: int, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(images, per-row loss weight or None) of accumulation round `round_idx` of step t.step, rows
+        t.order.rank_rows(t.step)[round_idx * t.batch_gpu:]. Rows of a data set refreshed in place must be
+        read here: the loader's workers hold copies and prefetch ahead of the step."""
+        return images, None
+
+    def after_step(self, t: dnnlib.EasyDict, o: dict) -> None:
+        """After every optimizer step and EMA update (t.step and t.cur_nimg already advanced)."""
+
+    def tick_end(self, t: dnnlib.EasyDict, o: dict, done: bool) -> None:
+        """At the end of every tick, after its progress line, before its snapshot and state."""
+
+    def save_state(self, t: dnnlib.EasyDict, o: dict, state_path: str) -> None:
+        """Before training-state file `state_path` is written: whatever else a resume from it needs."""
 
 #----------------------------------------------------------------------------
 # Run directory helpers.
@@ -275,7 +310,8 @@ def _build_optimizer(params: list[torch.nn.Parameter], optimizer_kwargs: dict) -
 
 #----------------------------------------------------------------------------
 
-def training_loop(run_dir: str, device: str | torch.device | None = None, *, break_lock: bool = False, **kwargs: Any) -> str:
+def training_loop(run_dir: str, device: str | torch.device | None = None, hook: TrainingHook | None = None, *,
+                  break_lock: bool = False, **kwargs: Any) -> str:
     """Train a denoiser EDM-style with training.options.TrainingOptions(**kwargs); return the final snapshot's path.
 
     Launch with plain python (one process) or torchrun (one process per GPU; gloo on CPU); `device`
@@ -285,6 +321,7 @@ def training_loop(run_dir: str, device: str | torch.device | None = None, *, bre
     weights that state already descends from. Every input is checked before run_dir is created; the
     run directory is locked (torch_utils.lock; `break_lock` takes over a lock of another machine) and
     holds one run: a call with other options than the run already there is refused.
+    `hook` (a TrainingHook) runs the caller's code inside the loop; it is not part of the options.
     """
     start_time = time.time()
     distributed.init()
@@ -301,13 +338,13 @@ def training_loop(run_dir: str, device: str | torch.device | None = None, *, bre
 
     # 1. The data.
     distributed.print0('Loading dataset...')
-    dataset, mix, num_mix = _open_data(o)
+    dataset, mix, num_mix = _open_data(o, hook)
     # 2. Where the weights come from: a training state, transferred weights, or a fresh initialisation.
     state, source = _load_start(o, resume_path, options.transfer, dataset)
     # 3. Network, EMA, loss, augmentation, optimizer, counters.
     t = _build(o, dataset, state, source, device)
     t.update(run_dir=run_dir, device=device, batch_gpu=batch_gpu, num_rounds=num_rounds, num_mix=num_mix,
-             total_nimg=int(round(o['total_kimg'] * 1000)), start_time=start_time)
+             total_nimg=int(round(o['total_kimg'] * 1000)), start_time=start_time, hook=hook)
     # 4. Every input checked: only now does the run directory appear, locked against a second process; log.txt starts.
     with lock.run_lock(run_dir, break_lock=break_lock):
         resuming_here = resume_path is not None and os.path.abspath(os.path.dirname(resume_path)) == os.path.abspath(run_dir)
@@ -325,6 +362,8 @@ def training_loop(run_dir: str, device: str | torch.device | None = None, *, bre
             data_iter = _make_loader(t, o, dataset, mix)
             _restore_rng(t, o, state, resume_path)
             del state
+            if hook is not None:
+                hook.start(t, o, resume_path)
             # 6. Train: steps, and at the end of every tick the progress line, snapshots and states.
             return _train(t, o, data_iter)
 
@@ -343,15 +382,20 @@ def check_finite_images(dataset: Dataset, name: str, max_images: int = 512) -> n
     return images
 
 
-def _open_data(o: dict) -> tuple[Dataset, Dataset | None, int]:
-    """(training set, mix set or None, images per batch from the mix set)."""
+def _open_data(o: dict, hook: TrainingHook | None = None) -> tuple[Dataset, Dataset | None, int]:
+    """(training set, mix set or None, images per batch from the mix set); the hook may give the mix set."""
     dataset = dnnlib.util.construct_class_by_name(**{'class_name': 'training.dataset.open_dataset', **o['dataset_kwargs']})
     check_finite_images(dataset, f'The training set {o["dataset_kwargs"].get("path")}')
     num_mix = int(round(o['mix_fraction'] * o['batch_size']))
     mix = None
     if num_mix > 0:
-        mix = dnnlib.util.construct_class_by_name(**{'class_name': 'training.dataset.open_dataset', **o['mix_dataset_kwargs']})
-        check_finite_images(mix, f'The mix data set {o["mix_dataset_kwargs"].get("path")}')
+        mix = hook.mix_dataset(o) if hook is not None else None
+        if mix is None:
+            if o['mix_dataset_kwargs'] is None:
+                raise UserError('mix_fraction > 0 needs mix_dataset_kwargs, or a hook that gives the mix set '
+                                '(an online SFBD run is repeated by sfbd.py --online, not by its training_options.json)')
+            mix = dnnlib.util.construct_class_by_name(**{'class_name': 'training.dataset.open_dataset', **o['mix_dataset_kwargs']})
+            check_finite_images(mix, f'The mix data set {o["mix_dataset_kwargs"].get("path")}')
         if (mix.image_shape, mix.label_dim) != (dataset.image_shape, dataset.label_dim):
             raise UserError(f'The mix data set has images {mix.image_shape} and {mix.label_dim} label dims; '
                             f'the training set has {dataset.image_shape} and {dataset.label_dim}: give a mix set of the same '
@@ -486,7 +530,7 @@ def _make_loader(t: dnnlib.EasyDict, o: dict, dataset: Dataset, mix: Dataset | N
         t.ddp = torch.nn.parallel.DistributedDataParallel(t.net, device_ids=[t.device] if t.device.type == 'cuda' else None)
     t.model = perf.prepare_for_training(t.ddp, compile=o['compile'])  # ddp itself stays for no_sync().
     t.step = t.cur_nimg // o['batch_size']
-    order = BatchOrder(len(dataset), len(mix) if mix else 0, t.num_mix, o['batch_size'], t.batch_gpu, t.num_rounds,
+    t.order = order = BatchOrder(len(dataset), len(mix) if mix else 0, t.num_mix, o['batch_size'], t.batch_gpu, t.num_rounds,
                        distributed.get_rank(), o['seed'], start_step=t.step)
     loader_kwargs = {'num_workers': 1, 'prefetch_factor': 2, **(o['data_loader_kwargs'] or {})}
     if loader_kwargs['num_workers'] == 0:
@@ -522,6 +566,8 @@ def _train(t: dnnlib.EasyDict, o: dict, data_iter: Iterator) -> str:
             continue
         tick_end_time = _report_tick(t, o)
         _check_divergence(t, o)
+        if t.hook is not None:
+            t.hook.tick_end(t, o, done)
         # Network snapshot (EMA weights) and full training state; always both at the end.
         if done or (o['snapshot_ticks'] is not None and t.cur_tick % o['snapshot_ticks'] == 0):
             final_snapshot = _save_snapshot(t.run_dir, t.ema, o, t.cur_nimg)
@@ -551,11 +597,16 @@ def _step(t: dnnlib.EasyDict, o: dict, data_iter: Iterator) -> None:
         labels = labels.to(t.device, non_blocking=True)
         start = distributed.get_rank() * batch_gpu_total + round_idx * t.batch_gpu
         rnd = rng.BatchRandom(step_seed, o['batch_size'], start, start + t.batch_gpu, t.device)
+        weight = None
+        if t.hook is not None:
+            images, weight = t.hook.batch(t, round_idx, images)
         with misc.ddp_sync(t.ddp, round_idx == t.num_rounds - 1):
             with perf.autocast(t.device, o['precision']):
                 loss = t.loss_fn(net=t.model, images=images, labels=labels, augment_pipe=t.augment_pipe, rnd=rnd)
             training_stats.report('Loss/loss', loss)
             finite &= torch.isfinite(loss).all()  # no synchronisation: read once per tick
+            if weight is not None:
+                loss = loss * weight.reshape(-1, *[1] * (loss.ndim - 1))
             loss.sum().mul(o['loss_scaling'] / batch_gpu_total).backward()
     t.bad_steps = (t.bad_steps + 1) * ~finite
     t.max_bad_steps = torch.maximum(t.max_bad_steps, t.bad_steps)
@@ -576,6 +627,8 @@ def _step(t: dnnlib.EasyDict, o: dict, data_iter: Iterator) -> None:
         torch._foreach_lerp_(list(t.ema.parameters()), list(t.net.parameters()), 1 - t.ema_beta)  # One kernel per group.
     t.cur_nimg += o['batch_size']
     t.step += 1
+    if t.hook is not None:
+        t.hook.after_step(t, o)
 
 
 def _check_divergence(t: dnnlib.EasyDict, o: dict) -> None:
@@ -626,8 +679,11 @@ def _report_tick(t: dnnlib.EasyDict, o: dict) -> float:
 def _save_state(t: dnnlib.EasyDict, o: dict) -> None:
     """training-state-KIMG.pt: net, EMA, Adam, counters and every rank's RNG state (collective; rank 0 writes)."""
     rng_state = _rng_state(t.device)
+    path = os.path.join(t.run_dir, f'training-state-{kimg_label(t.cur_nimg)}.pt')
+    if t.hook is not None:
+        t.hook.save_state(t, o, path)
     if distributed.is_main():
-        checkpoint.save_training_state(os.path.join(t.run_dir, f'training-state-{kimg_label(t.cur_nimg)}.pt'), net=t.net,
+        checkpoint.save_training_state(path, net=t.net,
                                        ema=t.ema, optimizer=t.optimizer, cur_nimg=t.cur_nimg, cur_tick=t.cur_tick + 1,
                                        rng=rng_state, options=o)
         _prune(t.run_dir, _STATE_RE, o['keep_last'])
