@@ -233,8 +233,8 @@ def check_bench(log: Log, out: str, smoke: bool, device: str, env: dict) -> dict
 PHASE_ENDS = [('start', r'^Constructing network'), ('pretrain', r'^Done: .*pretrain'), ('evaluate 0', r'^FID of model 0:'),
               ('denoise', r'^Denoising E_1: (\d+)/\1 '), ('finetune', r'^Done: .*finetune'), ('evaluate 1', r'^FID of model 1:')]
 SFBD_SIZES = {  # images in the data set, clean ones among them, resolution, sfbd.py's flags
-    'full': dict(num=576, clean=64, resolution=32, args=['--config=cifar10-ddpmpp', '--pretrain-kimg=10', '--finetune-kimg=5',
-                                                          '--tick=2.5', '--eval-num=256']),
+    'full': dict(num=576, clean=64, resolution=32, args=['--config=cifar10-ddpmpp', '--pretrain-kimg=5', '--finetune-kimg=2.5',
+                                                          '--tick=1.5', '--eval-num=256']),
     'smoke': dict(num=48, clean=16, resolution=16, args=['--config=tiny', '--batch=8', '--pretrain-kimg=0.032', '--finetune-kimg=0.016',
                                                           '--tick=0.016', '--eval-num=16', '--eval-steps=4', '--grid=4']),
 }
@@ -265,7 +265,7 @@ def check_sfbd(log: Log, out: str, smoke: bool, env: dict, detector: str | None)
     log('sfbd_iteration', f'data: {size["num"]} synthetic {size["resolution"]}x{size["resolution"]} images, {size["clean"]} clean, '
                           f'the rest corrupted at sigma 0.2, in {time.monotonic() - start:.1f} s')
     cmd = [sys.executable, 'sfbd.py', *size['args'], f'--outdir={run_dir}', f'--clean={data}/clean.zip', f'--noisy={data}/noisy',
-           f'--fid-ref={ref}', f'--detector={detector}', '--iters=1', '--dump=1000']
+           f'--fid-ref={ref}', f'--detector={detector}', '--iters=1', '--final-fid-repeats=1', '--dump=1000']
     step = run_step(log, 'sfbd_iteration', cmd, TIMEOUTS['sfbd_iteration'], env)
     phases, begin, lines = {}, step['started'], iter(step['lines'])
     for name, pattern in PHASE_ENDS:
