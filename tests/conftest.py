@@ -50,3 +50,7 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(saved)
+
+
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'paper: true-size runs of the paper recipes (minutes on a CPU); deselect with -m "not paper"')
