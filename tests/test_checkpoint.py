@@ -161,7 +161,7 @@ def test_check_network_matches():
 #----------------------------------------------------------------------------
 # Files that are not what they claim, and networks too large to build.
 
-def _snapshot_dict(init_kwargs, state_dict=None, **changes):
+def snapshot_dict(init_kwargs, state_dict=None, **changes):
     data = dict(format=checkpoint.SNAPSHOT_FORMAT, version=checkpoint.VERSION, class_name='training.networks.EDMPrecond',
                 init_kwargs=init_kwargs, state_dict={} if state_dict is None else state_dict, augment_kwargs=None,
                 dataset_kwargs=None, kimg=0.0, meta={})
@@ -194,9 +194,9 @@ def test_network_size_of_the_paper_network():
 
 def test_a_network_larger_than_memory_is_refused_with_its_size(tmp_path, monkeypatch):
     huge = str(tmp_path / 'huge.pt')
-    torch.save(_snapshot_dict(dict(TINY, model_channels=100_000)), huge)
-    with pytest.raises(dnnlib.UserError, match=r'huge\.pt describes a EDMPrecond of [\d,]+ parameters \([\d,.]+ GiB\), more than '
-                                               r'the [\d,.]+ GiB of memory available on cpu') as excinfo:
+    torch.save(snapshot_dict(dict(TINY, model_channels=100_000)), huge)
+    with pytest.raises(dnnlib.UserError, match=r'huge\.pt describes a network \(EDMPrecond\) of [\d,]+ parameters '
+                                               r'\([\d,.]+ GiB\), more than the [\d,.]+ GiB of memory available on cpu') as excinfo:
         checkpoint.load_network(huge)
     _assert_one_line_user_error(excinfo)
     params = int(excinfo.value.message.split(' of ')[1].split(' parameters')[0].replace(',', ''))
@@ -220,11 +220,11 @@ def test_a_network_larger_than_memory_is_refused_with_its_size(tmp_path, monkeyp
 def test_a_network_of_too_many_modules_is_refused_while_counting(tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoint, 'MAX_MODULES', 40)
     path = str(tmp_path / 'deep.pt')
-    torch.save(_snapshot_dict(dict(TINY, num_blocks=1000)), path)
+    torch.save(snapshot_dict(dict(TINY, num_blocks=1000)), path)
     registered = []
     hook = torch.nn.modules.module.register_module_module_registration_hook(lambda *args: registered.append(1))
     try:
-        with pytest.raises(dnnlib.UserError, match=r'deep\.pt describes a EDMPrecond of more than 40 modules') as excinfo:
+        with pytest.raises(dnnlib.UserError, match=r'deep\.pt describes a network \(EDMPrecond\) of more than 40 modules') as excinfo:
             checkpoint.load_network(path)
     finally:
         hook.remove()
@@ -248,7 +248,7 @@ def test_files_that_are_not_ours_get_one_line_each_and_never_run(tmp_path):
     good = str(tmp_path / 'good.pt')
     checkpoint.save_network(good, net)
     code_pt, code_pkl = tmp_path / 'code.pt', tmp_path / 'code.pkl'
-    torch.save(_snapshot_dict(net.init_kwargs, hook=WritesMarker(marker)), code_pt)
+    torch.save(snapshot_dict(net.init_kwargs, hook=WritesMarker(marker)), code_pt)
     code_pkl.write_bytes(pickle.dumps(dict(ema=WritesMarker(marker))))
     pickle.loads(code_pkl.read_bytes())['ema'].close()  # the hostile files are real: unrestricted loading runs them
     assert marker.exists()
@@ -256,9 +256,9 @@ def test_files_that_are_not_ours_get_one_line_each_and_never_run(tmp_path):
     (tmp_path / 'truncated.pt').write_bytes(open(good, 'rb').read()[:3000])
     (tmp_path / 'other.pkl').write_bytes(pickle.dumps({'weights': [1, 2]}))
     state = {k: v[:1] for k, v in net.state_dict().items()}
-    torch.save(_snapshot_dict(net.init_kwargs, state), tmp_path / 'shapes.pt')
-    torch.save(_snapshot_dict(net.init_kwargs, class_name=None), tmp_path / 'noclass.pt')
-    torch.save(_snapshot_dict(dict(net.init_kwargs, model_channels='wide')), tmp_path / 'badargs.pt')
+    torch.save(snapshot_dict(net.init_kwargs, state), tmp_path / 'shapes.pt')
+    torch.save(snapshot_dict(net.init_kwargs, class_name=None), tmp_path / 'noclass.pt')
+    torch.save(snapshot_dict(dict(net.init_kwargs, model_channels='wide')), tmp_path / 'badargs.pt')
     expected = {
         'code.pt': 'code.pt holds Python objects beyond tensors (io.open), so it is not one of our snapshots; it was '
                    'not run (network files are read weights-only). Give a network-snapshot-*.pt',
