@@ -239,7 +239,8 @@ def bad_input_files(root) -> dict:
     from training import networks
     root = str(root)
     p = {name.replace('.', '_'): os.path.join(root, name) for name in
-         ['net.pt', 'cond.pt', 'code.pt', 'code.pkl', 'truncated.pt', 'other.pkl', 'huge.pt', 'text.txt', 'dir', 'marker']}
+         ['net.pt', 'cond.pt', 'code.pt', 'code.pkl', 'truncated.pt', 'other.pkl', 'huge.pt', 'text.txt', 'dir', 'marker',
+          'imgs', 'small', 'ref.npz', 'wrong_dim.npz', 'pickled.npz']}
     tiny_snapshot(p['net_pt'])
     torch.manual_seed(0)
     cond = networks.EDMPrecond(img_resolution=8, img_channels=3, label_dim=3, model_type='SongUNet', model_channels=8,
@@ -256,6 +257,18 @@ def bad_input_files(root) -> dict:
     with open(p['text_txt'], 'w') as f:
         f.write('not a network\n')
     os.makedirs(p['dir'])
+    # Images: 10 of the networks' 3x8x8 and 4 of 3x4x4; reference statistics: pixels of imgs, 3-d, and one that
+    # holds a pickled object (which would create the marker if unpickled).
+    rng = np.random.RandomState(0)
+    pixels = rng.randint(0, 256, size=(10, 3, 8, 8), dtype=np.uint8)
+    for name, images in [('imgs', pixels), ('small', rng.randint(0, 256, size=(4, 3, 4, 4), dtype=np.uint8))]:
+        os.makedirs(p[name])
+        for i, image in enumerate(images):
+            PIL.Image.fromarray(image.transpose(1, 2, 0)).save(os.path.join(p[name], f'{i:06d}.png'))
+    x = pixels.reshape(10, -1) / 127.5 - 1
+    np.savez(p['ref_npz'], mu=x.mean(0), sigma=np.cov(x, rowvar=False), detector=np.array('pixels'))
+    np.savez(p['wrong_dim_npz'], mu=np.zeros(3), sigma=np.eye(3))
+    np.savez(p['pickled_npz'], mu=np.array([WritesMarker(p['marker'])], dtype=object), sigma=np.eye(1))
     return p
 
 

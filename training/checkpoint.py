@@ -104,7 +104,7 @@ def network_size(class_name: str, init_kwargs: dict, source: str = 'the file') -
         with _LargeTensorsOnMeta():
             net = _construct(cls, init_kwargs, source)
     except _TooManyModules:
-        raise UserError(f'{source} describes a {cls.__name__} of more than {MAX_MODULES:,} modules (EDM\'s networks have '
+        raise UserError(f'{source} describes a network ({cls.__name__}) of more than {MAX_MODULES:,} modules (EDM\'s networks have '
                         f'about 320): its constructor arguments are corrupt or crafted; it was not built') from None
     finally:
         hook.remove()
@@ -133,7 +133,7 @@ def build_network(class_name: str, init_kwargs: dict, device: torch.device | str
     for where in dict.fromkeys([torch.device('cpu'), torch.device(device or 'cpu')]):
         available = available_memory(where)
         if size > available:
-            raise UserError(f'{source} describes a {cls.__name__} of {params:,} parameters ({size / 2**30:,.1f} GiB), more '
+            raise UserError(f'{source} describes a network ({cls.__name__}) of {params:,} parameters ({size / 2**30:,.1f} GiB), more '
                             f'than the {available / 2**30:,.1f} GiB of memory available on {where}: its constructor arguments are '
                             f'corrupt or it needs a larger machine; it was not built')
     return _construct(cls, init_kwargs, source)
@@ -229,17 +229,17 @@ def _read(path_or_url: str) -> tuple[str, dict]:
                             f'pickle uses; nothing in it was run. Give an EDM network .pkl or one of our .pt snapshots')
         except pickle.UnpicklingError as e:
             if not magic.startswith(b'PK') or 'weights only' not in str(e).lower():
-                raise UserError(f'{name} is truncated or corrupt ({_first_line(e)}): copy or download it again')
+                raise UserError(f'{name} is truncated or corrupt ({error_summary(e)}): copy or download it again')
             named = re.search(r'GLOBAL ([\w.]+)', str(e))
             raise UserError(f'{name} holds Python objects beyond tensors{f" ({named.group(1)})" if named else ""}, so it is not '
                             f'one of our snapshots; it was not run (network files are read weights-only). Give a '
                             f'network-snapshot-*.pt or training-state-*.pt of this project, or an EDM .pkl')
         except Exception as e:  # Truncated or corrupt files surface as many exception types.
-            raise UserError(f'{name} is truncated or corrupt ({_first_line(e)}): copy or download it again')
+            raise UserError(f'{name} is truncated or corrupt ({error_summary(e)}): copy or download it again')
     return kind, data
 
 
-def _first_line(e: Exception) -> str:
+def error_summary(e: BaseException) -> str:
     """'Type: the first sentence of the message', short (PyTorch's messages run to several paragraphs)."""
     text = (str(e).strip().splitlines() or [''])[0]
     return f'{type(e).__name__}: {text.split(". ")[0][:120]}'
