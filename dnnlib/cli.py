@@ -168,6 +168,8 @@ def _can_create_files_in(directory: str) -> bool:
 
 def check_writable_dir(path: str, flag: str) -> None:
     """`path` is (or can be made as) a writable directory: it, or its nearest existing parent, is one."""
+    if not path.strip():
+        raise UserError(f'{flag} is empty; give a directory path')
     if os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f'{flag}={path} is a file, not a directory; give a directory path')
     probe = _nearest_existing(path)
@@ -179,6 +181,8 @@ def check_writable_file(path: str, flag: str, what: str | None = None) -> None:
     """`path` can be written as a file (atomically, beside itself): it is not a directory, and its nearest existing
     parent is a writable directory. Messages name it as `what` (default '{flag}={path}') and ask for another `flag`."""
     what = what or f'{flag}={path}'
+    if not path.strip():
+        raise UserError(f'{flag} is empty; give a file path')
     if os.path.isdir(path):
         raise UserError(f'{what} is a directory, not a file; give another {flag}')
     probe = _nearest_existing(os.path.dirname(os.path.abspath(path)))

@@ -304,6 +304,7 @@ def test_cli_on_a_network_does_not_depend_on_world_size(data, tmp_path, torchrun
 AUDIT_CASES = {
     'outdir-file':        (['--outdir={text_txt}'], 1, ['--outdir={text_txt} is a file, not a directory']),
     'outdir-read-only':   (['--outdir={ro}/audit'], 1, ['--outdir={ro}/audit cannot be written ({ro} is not a writable directory)']),
+    'outdir-empty':       (['--outdir='], 1, ['--outdir is empty; give a directory path']),
     'outdir-json-is-dir': ([], 1, ['{out}/audit.json is a directory, not a file; give another --outdir']),
     'seeds-huge':         (['--seeds=0-999999999'], 1, ['--seeds=0-999999999 asks for 1,000,000,000 images', 'give a smaller range']),
     'seeds-empty':        (['--seeds='], 1, ['--seeds is empty: give seeds such as 0-63']),

@@ -221,6 +221,9 @@ def test_writable_destinations(tmp_path):
     cli.check_writable_dir(str(tmp_path / 'new' / 'deeper'), '--outdir')
     cli.check_writable_file(str(tmp_path / 'new' / 'ref.npz'), '--dest')
     cli.check_writable_file(str(tmp_path / 'file'), '--dest')  # replaced atomically
+    for check in cli.check_writable_dir, cli.check_writable_file:
+        with pytest.raises(dnnlib.UserError, match='--outdir is empty; give a'):
+            check('', '--outdir')  # would be the working directory
     cases = [
         (cli.check_writable_dir, 'file', '--outdir=FILE is a file, not a directory'),
         (cli.check_writable_dir, 'file/sub', '--outdir=FILE/sub cannot be written (FILE is not a writable directory)'),

@@ -337,6 +337,8 @@ GENERATE_CASES = {
     'network-other-pkl': (['--network={other_pkl}'], 1, ['{other_pkl} is a pickle but not an EDM network pickle', 'give an EDM']),
     'network-huge':      (['--network={huge_pt}'], 1, ['{huge_pt} describes a network (EDMPrecond) of', 'GiB of memory available']),
     'network-text':      (['--network={text_txt}'], 1, ['{text_txt} is not a network file: expected a .pt snapshot']),
+    'network-empty':     (['--network='], 1, ['The network path is empty: give a .pt snapshot']),
+    'outdir-empty':      (['--outdir='], 1, ['--outdir is empty; give a directory path']),
     'outdir-file':       (['--outdir={text_txt}'], 1, ['--outdir={text_txt} is a file, not a directory']),
     'outdir-under-file': (['--outdir={text_txt}/sub'], 1, ['--outdir={text_txt}/sub cannot be written', 'give another --outdir']),
     'outdir-read-only':  (['--outdir={ro}/out'], 1, ['--outdir={ro}/out cannot be written ({ro} is not a writable directory)']),

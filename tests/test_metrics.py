@@ -420,6 +420,7 @@ FID_CASES = {
     'ref-data-not-images':  (['ref', '--data={text_txt}', '--dest={out}.npz', '--detector=pixels'], 1, ['{text_txt} is neither a folder nor a zip file']),
     'ref-dest-dir':         (['ref', '--data={imgs}', '--dest={dir}', '--detector=pixels'], 1, ['--dest={dir} is a directory, not a file; give another --dest']),
     'ref-dest-read-only':   (['ref', '--data={imgs}', '--dest={ro}/ref.npz', '--detector=pixels'], 1, ['--dest={ro}/ref.npz cannot be written ({ro} is not a writable directory)']),
+    'ref-dest-empty':       (['ref', '--data={imgs}', '--dest=', '--detector=pixels'], 1, ['--dest is empty; give a file path']),
     'ref-dest-under-file':  (['ref', '--data={imgs}', '--dest={text_txt}/ref.npz', '--detector=pixels'], 1, ['--dest={text_txt}/ref.npz cannot be written']),
     'ref-detector-unknown': (['ref', '--data={imgs}', '--dest={out}.npz', '--detector=nosuch'], 1, ["No detector 'nosuch': use inception, dinov2, pixels"]),
     'ref-batch-zero':       (['ref', '--data={imgs}', '--dest={out}.npz', '--batch=0'], 2, ["'--batch': 0 is not in the range x>=1"]),

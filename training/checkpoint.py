@@ -197,6 +197,8 @@ def _plain(obj: Any) -> Any:
 def _read(path_or_url: str) -> tuple[str, dict]:
     """(kind, contents) of a network file; kind is 'snapshot', 'training-state' or 'edm-pickle'."""
     name = os.fspath(path_or_url)
+    if not name.strip():
+        raise UserError('The network path is empty: give a .pt snapshot or training state, or an EDM .pkl')
     with dnnlib.util.open_url(name) as f:
         magic = f.read(4)
         f.seek(0)
