@@ -49,7 +49,7 @@ MAX_MODULES = 5_000  # EDM's networks have about 320; a file asking for more is 
 
 
 class _TooManyModules(Exception):
-    pass
+    """Raised by network_size's module hook to stop a construction that has passed MAX_MODULES."""
 
 
 def _network_class(class_name: str) -> type:
@@ -104,8 +104,8 @@ def network_size(class_name: str, init_kwargs: dict, source: str = 'the file') -
         with _LargeTensorsOnMeta():
             net = _construct(cls, init_kwargs, source)
     except _TooManyModules:
-        raise UserError(f'{source} describes a network ({cls.__name__}) of more than {MAX_MODULES:,} modules (EDM\'s networks have '
-                        f'about 320): its constructor arguments are corrupt or crafted; it was not built') from None
+        raise UserError(f'{source} describes a network ({cls.__name__}) of more than {MAX_MODULES:,} modules (EDM\'s '
+                        f'networks have about 320): its constructor arguments are corrupt or crafted; it was not built') from None
     finally:
         hook.remove()
     params = sum(p.numel() for p in net.parameters())
@@ -133,9 +133,9 @@ def build_network(class_name: str, init_kwargs: dict, device: torch.device | str
     for where in dict.fromkeys([torch.device('cpu'), torch.device(device or 'cpu')]):
         available = available_memory(where)
         if size > available:
-            raise UserError(f'{source} describes a network ({cls.__name__}) of {params:,} parameters ({size / 2**30:,.1f} GiB), more '
-                            f'than the {available / 2**30:,.1f} GiB of memory available on {where}: its constructor arguments are '
-                            f'corrupt or it needs a larger machine; it was not built')
+            raise UserError(f'{source} describes a network ({cls.__name__}) of {params:,} parameters '
+                            f'({size / 2**30:,.1f} GiB), more than the {available / 2**30:,.1f} GiB of memory available on '
+                            f'{where}: its constructor arguments are corrupt or it needs a larger machine; it was not built')
     return _construct(cls, init_kwargs, source)
 
 

@@ -80,9 +80,10 @@ def generate_images(net: torch.nn.Module, seeds: Sequence[int], batch_size: int 
     for start in range(0, len(mine), batch_size):
         batch = [int(s) for s in mine[start:start + batch_size]]
         x = sample_images(net, batch, class_idx=class_idx, device=device, **(sampler_kwargs or {}))
-        if not torch.isfinite(x).all():
-            raise UserError(f'Sampling gave NaN or inf for seeds {batch[0]}..{batch[-1]}: the network or the sampler settings '
-                            f'are broken (check the network file and --sigma_max, --S_noise, --rho); stopped before writing or using them')
+        if not torch.isfinite(x).all():  # to_uint8 would make them black images, and FIDs of black images
+            raise UserError(f'Sampling gave NaN or inf for seeds {batch[0]}..{batch[-1]}: the network or the sampler '
+                            f'settings are broken (check the network file and --sigma_max, --S_noise, --rho); stopped '
+                            f'before writing or using them')
         yield batch, images.to_uint8(x)
 
 #----------------------------------------------------------------------------
