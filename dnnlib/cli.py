@@ -119,14 +119,29 @@ def finite_float(min: float | None = None, max: float | None = None, min_open: b
     return FiniteFloat(min=min, max=max, min_open=min_open, max_open=max_open, allow_inf=allow_inf)
 
 
+def _int_list_length(text: str) -> int:
+    """How many numbers dnnlib.util.parse_int_list(text) would return, without building the list."""
+    count = 0
+    for part in str(text).split(','):
+        m = re.fullmatch(r'(\d+)-(\d+)', part.strip())
+        count += max(int(m.group(2)) - int(m.group(1)) + 1, 0) if m else 1
+    return count
+
+
 def int_list(value: Any) -> list[int]:
-    """click type: '2,2,2' or '0-3' or a preset's list; 'none' or '' is the empty list."""
+    """click type: '2,2,2' or '0-3' or a preset's list; 'none' or '' is the empty list. A network setting, so at
+    most 1,000 numbers (a typo such as 1-999999999 would fill memory). ValueError, which click reports with the flag."""
     from .util import parse_int_list
     if isinstance(value, (list, tuple)):
         return [int(v) for v in value]
     if str(value).strip().lower() in ('', 'none'):
         return []
-    return parse_int_list(value)
+    if _int_list_length(value) > 1000:
+        raise ValueError(f'{value} asks for {_int_list_length(value):,} numbers; give at most 1,000')
+    try:
+        return parse_int_list(value)
+    except UserError as e:
+        raise ValueError(e.message) from None
 
 
 def parse_seeds(text: str, flag: str = '--seeds') -> list[int]:
@@ -135,10 +150,7 @@ def parse_seeds(text: str, flag: str = '--seeds') -> list[int]:
     from .util import parse_int_list
     if not str(text).strip():
         raise UserError(f'{flag} is empty: give seeds such as 0-63')
-    count = 0
-    for part in str(text).split(','):
-        m = re.fullmatch(r'(\d+)-(\d+)', part.strip())
-        count += int(m.group(2)) - int(m.group(1)) + 1 if m else 1
+    count = _int_list_length(text)
     if count > MAX_SEEDS:
         raise UserError(f'{flag}={text} asks for {count:,} images, more than {MAX_SEEDS:,} in one run: '
                         f'give a smaller range (split a larger job into several runs)')

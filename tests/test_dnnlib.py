@@ -215,6 +215,20 @@ def test_parse_seeds_counts_before_building(monkeypatch):
             cli.parse_seeds(text)
 
 
+def test_int_list_refuses_huge_ranges_before_building():
+    assert cli.int_list('1,2-4') == [1, 2, 3, 4] and cli.int_list('none') == [] and cli.int_list([2, 2]) == [2, 2]
+    assert len(cli.int_list('1-1000')) == 1000
+
+    @click.command()
+    @click.option('--cres', type=cli.int_list)
+    def command(cres):
+        click.echo(cres)
+    for value, error in [('1-999999999', "'--cres': 1-999999999 asks for 999,999,999 numbers; give at most 1,000"),
+                         ('2,x', "'--cres': Bad integer list '2,x'")]:
+        result = CliRunner().invoke(command, [f'--cres={value}'])
+        assert result.exit_code == 2 and isinstance(result.exception, SystemExit) and error in result.output, result.output
+
+
 def test_writable_destinations(tmp_path):
     (tmp_path / 'file').write_text('x')
     (tmp_path / 'dir').mkdir()
