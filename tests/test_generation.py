@@ -299,8 +299,8 @@ def bad(tmp_path_factory):
 
 
 def run_bad_case(main, bad, tmp_path, args, exit_code, needles, setup=None):
-    """Invoke a CLI on one bad input (OUT = a fresh path, {name} = a file of `bad`), check the refusal and that
-    nothing under `bad` or tmp_path changed and the marker was never written."""
+    """Invoke a CLI on one bad input (in args and needles, {out} is a fresh path and {name} a file of `bad`), check the
+    refusal, that nothing under `bad` or tmp_path changed and that the marker was never written."""
     from click.testing import CliRunner
     if '{ro}' in ' '.join(args) and bad['ro'] is None:
         pytest.skip('no read-only directory here')

@@ -452,6 +452,13 @@ FID_CASES = {
 }
 
 
+def test_the_hostile_reference_is_real(tmp_path):
+    from tests.test_generation import bad_input_files
+    files = bad_input_files(tmp_path)
+    np.load(files['pickled_npz'], allow_pickle=True)['mu'][0].close()  # unpickling it runs open(marker, 'w')
+    assert os.path.exists(files['marker'])
+
+
 @pytest.mark.parametrize('case', FID_CASES)
 def test_fid_cli_bad_input(bad, tmp_path, case, monkeypatch):
     def no_downloads(*args, **kwargs):
