@@ -4,7 +4,8 @@ import click
 import torch
 
 import dnnlib
-from dnnlib.cli import NETWORK_HELP, fast_path_options, sampler_options
+from dnnlib.cli import (MAX_SEEDS, NETWORK_HELP, check_writable_dir, check_writable_file, fast_path_options, parse_seeds,
+                        sampler_options)
 from torch_utils import distributed
 from training import audit, checkpoint, metrics
 from training.dataset import open_dataset
@@ -32,7 +33,7 @@ def _load_detector(features: str, device: torch.device) -> metrics.Detector | No
 @click.command(context_settings=dict(help_option_names=['-h', '--help']))
 @click.option('--network', 'network_path', help=NETWORK_HELP, metavar='PATH|URL', type=str, default=None)
 @click.option('--samples', 'samples_path', help='Or: samples to audit, a folder or zip of PNGs', metavar='PATH', type=str, default=None)
-@click.option('--seeds',                   help=f'With --network: seeds, one sample each (e.g. 0-9999)  [default: {DEFAULT_SEEDS}]', metavar='LIST', type=str, default=None)
+@click.option('--seeds',                   help=f'With --network: seeds, one sample each (e.g. 0-9999; at most {MAX_SEEDS:,})  [default: {DEFAULT_SEEDS}]', metavar='LIST', type=str, default=None)
 @click.option('--clean',                   help='Reference: the clean training set (folder or zip)', metavar='PATH', type=str, default=None)
 @click.option('--noisy',                   help='Reference: the ORIGINALS of this noisy set (named by its dataset.json; a relative path is relative to the noisy set\'s directory)', metavar='DIR', type=str, default=None)
 @click.option('--heldout',                 help='Baseline: held-out clean images of the same distribution, never trained on', metavar='PATH', type=str, default=None)
@@ -65,6 +66,12 @@ def main(network_path: str | None, samples_path: str | None, seeds: str | None, 
         raise dnnlib.UserError('Give either --network (to generate samples) or --samples (a folder or zip of PNGs)')
     if samples_path is not None and seeds is not None:
         raise dnnlib.UserError('--seeds applies to --network only; --samples audits every image it holds')
+    if network_path is not None and seeds is None:
+        seeds = DEFAULT_SEEDS
+    seed_list = parse_seeds(seeds) if network_path is not None else None
+    check_writable_dir(outdir, '--outdir')
+    for path in audit.result_paths(outdir).values():
+        check_writable_file(path, '--outdir', what=path)
     references, heldout_set, notes = audit.open_inputs(clean, noisy, heldout)
     for note in notes:
         distributed.print0(note)
@@ -76,9 +83,6 @@ def main(network_path: str | None, samples_path: str | None, seeds: str | None, 
         audit.check_shapes(samples.image_shape, references, heldout_set)
         names = getattr(samples, 'image_names', None)
     else:
-        seed_list = dnnlib.util.parse_int_list(seeds or DEFAULT_SEEDS)
-        if not seed_list:
-            raise dnnlib.UserError('--seeds is empty')
         distributed.print0(f'Loading network from {network_path} ...')
         net = checkpoint.load_network(network_path, device=device)
         audit.check_shapes([net.img_channels, net.img_resolution, net.img_resolution], references, heldout_set, what='the network\'s images')
@@ -92,7 +96,7 @@ def main(network_path: str | None, samples_path: str | None, seeds: str | None, 
         result = audit.audit_network(net, seed_list, references, heldout_set, sampler_kwargs=sampler_kwargs, precision=precision,
                                      channels_last=channels_last, compile=compile, **audit_kwargs)
     if distributed.is_main():
-        result.report['inputs'] = dict(network=network_path, samples=samples_path, seeds=None if samples_path else (seeds or DEFAULT_SEEDS),
+        result.report['inputs'] = dict(network=network_path, samples=samples_path, seeds=seeds,
                                        clean=clean, noisy=noisy, heldout=heldout, sampler=None if samples_path else sampler_kwargs,
                                        precision=None if samples_path else precision)
         paths = audit.write_results(outdir, result, gallery_rows, names)

@@ -3,7 +3,7 @@
 import click
 import numpy as np
 
-from dnnlib.cli import DETECTOR_HELP, NETWORK_HELP, fast_path_options, sampler_options
+from dnnlib.cli import DETECTOR_HELP, MAX_SEEDS, NETWORK_HELP, check_writable_file, fast_path_options, sampler_options
 from torch_utils import distributed, perf
 from training import checkpoint, metrics
 
@@ -39,6 +39,7 @@ def main() -> None:
 def ref(data_path: str, dest: str, detector: str, batch_size: int, workers: int) -> None:
     """Reference statistics of every image in a dataset, for 'calc' and 'gen'."""
     distributed.init()
+    check_writable_file(dest, '--dest')
     distributed.print0(f'Computing {detector} statistics of {data_path} ...')
     stats = metrics.make_ref(data_path, dest, detector=detector, batch_size=batch_size, device=distributed.device(),
                              num_workers=workers)
@@ -67,7 +68,7 @@ def calc(image_path: str, ref_path: str, num: int, seed: int, detector: str | No
 @main.command()
 @click.option('--network', 'network_path', help=NETWORK_HELP, metavar='PATH|URL', type=str, required=True)
 @click.option('--ref', 'ref_path',         help='Reference statistics from fid.py ref, or EDM\'s published .npz', metavar='NPZ|URL', type=str, required=True)
-@click.option('--num',                     help='Images per seed set', metavar='INT', type=click.IntRange(min=2), default=50000, show_default=True)
+@click.option('--num',                     help='Images per seed set', metavar='INT', type=click.IntRange(min=2, max=MAX_SEEDS), default=50000, show_default=True)
 @click.option('--repeats',                 help='Seed sets: set r uses seeds [seed + r*num, seed + (r+1)*num)', metavar='INT', type=click.IntRange(min=1), default=3, show_default=True)
 @click.option('--seed',                    help='First seed', metavar='INT', type=click.IntRange(min=0), default=0, show_default=True)
 @click.option('--class', 'class_idx',      help='Class label for every image  [default: random]', metavar='INT', type=click.IntRange(min=0), default=None)
@@ -94,6 +95,7 @@ def gen(network_path: str, ref_path: str, num: int, repeats: int, seed: int, cla
 @click.option('--dest', help='Output state dict, for --detector=PTH', metavar='PTH', type=str, required=True)
 def convert_inception(src: str, dest: str) -> None:
     """Convert EDM's Inception pickle once into a plain state dict, after checking both give the same features."""
+    check_writable_file(dest, '--dest')
     difference = metrics.convert_inception_pickle(src, dest, device=distributed.device())
     click.echo(f'Saved {dest}: features within {difference:.3g} of the largest feature of {src} on random images')
 

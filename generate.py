@@ -1,10 +1,12 @@
 """Generate images from a trained network with EDM's sampler, one PNG per seed, sharded over ranks."""
 
+import os
+
 import click
 import torch
 
-import dnnlib
-from dnnlib.cli import NETWORK_HELP, fast_path_options, grid_option, sampler_options
+from dnnlib.cli import (MAX_SEEDS, NETWORK_HELP, check_writable_dir, check_writable_file, fast_path_options, grid_option, parse_seeds,
+                        sampler_options)
 from torch_utils import distributed, perf
 from training import checkpoint, generation
 
@@ -13,7 +15,7 @@ from training import checkpoint, generation
 @click.command(context_settings=dict(help_option_names=['-h', '--help']))
 @click.option('--network', 'network_path', help=NETWORK_HELP, metavar='PATH|URL',                  type=str, required=True)
 @click.option('--outdir',                  help='Where to write the PNGs (000123.png per seed)', metavar='DIR', type=str, required=True)
-@click.option('--seeds',                   help='Seeds, one image each (e.g. 0-49999 or 1,5,10-20)', metavar='LIST', type=str, default='0-63', show_default=True)
+@click.option('--seeds',                   help=f'Seeds, one image each (e.g. 0-49999 or 1,5,10-20; at most {MAX_SEEDS:,})', metavar='LIST', type=str, default='0-63', show_default=True)
 @click.option('--subdirs',                 help='Put every 1000 seeds in a subdirectory 000000/, 001000/, ...', is_flag=True)
 @click.option('--class', 'class_idx',      help='Class label for every image  [default: random]', metavar='INT', type=click.IntRange(min=0), default=None)
 @click.option('--batch', 'batch_size',     help='Images per batch and process (does not change the images)', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
@@ -33,9 +35,13 @@ def main(network_path: str, outdir: str, seeds: str, subdirs: bool, class_idx: i
     torchrun --standalone --nproc_per_node=8 generate.py --network=net.pkl --outdir=fid-tmp --seeds=0-49999 --subdirs
     """
     distributed.init()
-    seed_list = dnnlib.util.parse_int_list(seeds)
-    if not seed_list:
-        raise dnnlib.UserError('--seeds is empty')
+    seed_list = parse_seeds(seeds)
+    check_writable_dir(outdir, '--outdir')
+    base = os.path.normpath(outdir)
+    if make_zip:
+        check_writable_file(base + '.zip', '--outdir', what=f'{base}.zip (--zip)')
+    if grid_num:
+        check_writable_file(base + '-grid.png', '--outdir', what=f'{base}-grid.png (--grid)')
     device = distributed.device()
     distributed.print0(f'Loading network from {network_path} ...')
     net = checkpoint.load_network(network_path, device=device)

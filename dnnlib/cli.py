@@ -1,7 +1,10 @@
 """Shared CLI pieces: `--config` presets from configs/ that act as defaults (command-line flags win)."""
 
 import json
+import math
 import os
+import re
+import tempfile
 from typing import Any, Callable
 
 import click
@@ -89,25 +92,114 @@ INFERENCE_PRECISION_HELP = (f'fp32 = exact reference, images and FIDs comparable
                             'bf16 = bf16 autocast (faster; images differ by a fraction of a grey level on average)')
 
 
+MAX_SEEDS = 10_000_000  # images per run: more is a typo (0-999999999), not a plan, and the seed list alone would fill memory
+MAX_STEPS = 100_000     # sampling steps (EDM uses 18 to 256); the schedule is held in memory
+
+
+class FiniteFloat(click.FloatRange):
+    """click.FloatRange that also refuses nan (which passes every range check) and, unless allowed, +-inf."""
+
+    def __init__(self, min: float | None = None, max: float | None = None, min_open: bool = False,
+                 max_open: bool = False, allow_inf: bool = False):
+        super().__init__(min=min, max=max, min_open=min_open, max_open=max_open)
+        self.allow_inf = allow_inf
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        rv = super().convert(value, param, ctx)
+        if math.isnan(rv) or (math.isinf(rv) and not self.allow_inf):
+            bounds = f' {self._describe_range()}' if self.min is not None or self.max is not None else ''
+            expected = f'a finite number{bounds}' + (' or inf' if self.allow_inf else '')
+            self.fail(f'{rv} is not {"a number" if math.isnan(rv) else "finite"}; give {expected}', param, ctx)
+        return rv
+
+
+def finite_float(min: float | None = None, max: float | None = None, min_open: bool = False, max_open: bool = False,
+                 allow_inf: bool = False) -> FiniteFloat:
+    """click type: a float in a range, never nan, and inf only with allow_inf (e.g. S_max, whose default is inf)."""
+    return FiniteFloat(min=min, max=max, min_open=min_open, max_open=max_open, allow_inf=allow_inf)
+
+
+def _int_list_length(text: str) -> int:
+    """How many numbers dnnlib.util.parse_int_list(text) would return, without building the list."""
+    count = 0
+    for part in str(text).split(','):
+        m = re.fullmatch(r'(\d+)-(\d+)', part.strip())
+        count += max(int(m.group(2)) - int(m.group(1)) + 1, 0) if m else 1
+    return count
+
+
 def int_list(value: Any) -> list[int]:
-    """click type: '2,2,2' or '0-3' or a preset's list; 'none' or '' is the empty list."""
+    """click type: '2,2,2' or '0-3' or a preset's list; 'none' or '' is the empty list. A network setting, so at
+    most 1,000 numbers (a typo such as 1-999999999 would fill memory). ValueError, which click reports with the flag."""
     from .util import parse_int_list
     if isinstance(value, (list, tuple)):
         return [int(v) for v in value]
     if str(value).strip().lower() in ('', 'none'):
         return []
-    return parse_int_list(value)
+    if _int_list_length(value) > 1000:
+        raise ValueError(f'{value} asks for {_int_list_length(value):,} numbers; give at most 1,000')
+    try:
+        return parse_int_list(value)
+    except UserError as e:
+        raise ValueError(e.message) from None
+
+
+def parse_seeds(text: str, flag: str = '--seeds') -> list[int]:
+    """A seed list such as '0-49999' or '1,5,10-20'; empty lists and more than MAX_SEEDS seeds are refused before
+    the list is built."""
+    from .util import parse_int_list
+    if not str(text).strip():
+        raise UserError(f'{flag} is empty: give seeds such as 0-63')
+    count = _int_list_length(text)
+    if count > MAX_SEEDS:
+        raise UserError(f'{flag}={text} asks for {count:,} images, more than {MAX_SEEDS:,} in one run: '
+                        f'give a smaller range (split a larger job into several runs)')
+    try:
+        return parse_int_list(text)
+    except UserError as e:
+        raise UserError(f'{flag}={text}: {e.message}') from None
+
+
+def _nearest_existing(path: str) -> str:
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    return probe
+
+
+def _can_create_files_in(directory: str) -> bool:
+    """Whether a file can be created in `directory`, tried for real (os.access says yes to root on read-only places)."""
+    try:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix='.write-check-')
+    except OSError:
+        return False
+    os.close(fd)
+    os.remove(tmp)
+    return True
 
 
 def check_writable_dir(path: str, flag: str) -> None:
     """`path` is (or can be made as) a writable directory: it, or its nearest existing parent, is one."""
-    probe = os.path.abspath(path)
-    if os.path.exists(probe) and not os.path.isdir(probe):
+    if not path.strip():
+        raise UserError(f'{flag} is empty; give a directory path')
+    if os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f'{flag}={path} is a file, not a directory; give a directory path')
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
-        raise UserError(f'{flag}={path} cannot be written ({probe} is not a writable directory)')
+    probe = _nearest_existing(path)
+    if not os.path.isdir(probe) or not _can_create_files_in(probe):
+        raise UserError(f'{flag}={path} cannot be written ({probe} is not a writable directory); give another {flag}')
+
+
+def check_writable_file(path: str, flag: str, what: str | None = None) -> None:
+    """`path` can be written as a file (atomically, beside itself): it is not a directory, and its nearest existing
+    parent is a writable directory. Messages name it as `what` (default '{flag}={path}') and ask for another `flag`."""
+    what = what or f'{flag}={path}'
+    if not path.strip():
+        raise UserError(f'{flag} is empty; give a file path')
+    if os.path.isdir(path):
+        raise UserError(f'{what} is a directory, not a file; give another {flag}')
+    probe = _nearest_existing(os.path.dirname(os.path.abspath(path)))
+    if not os.path.isdir(probe) or not _can_create_files_in(probe):
+        raise UserError(f'{what} cannot be written ({probe} is not a writable directory); give another {flag}')
 
 
 def _apply(f: Callable, options: list[Callable]) -> Callable:
@@ -121,7 +213,7 @@ def train_options(f: Callable) -> Callable:
     from training.options import ARCHS, PRECONDS, TrainOptions
     from torch_utils.perf import PRECISIONS
     d = TrainOptions()
-    pos, unit = click.FloatRange(min=0, min_open=True), click.FloatRange(min=0, max=1)
+    pos, unit = finite_float(min=0, min_open=True), finite_float(min=0, max=1)
     return _apply(f, [
         click.option('--arch',      help='Network architecture', type=click.Choice(list(ARCHS)), default=d.arch),
         click.option('--precond',   help='Preconditioning and loss', type=click.Choice(list(PRECONDS)), default=d.precond),
@@ -132,8 +224,8 @@ def train_options(f: Callable) -> Callable:
         click.option('--blocks',    help='Residual blocks per resolution  [default: by --arch]', metavar='INT', type=click.IntRange(min=1), default=d.blocks),
         click.option('--attn',      help='Resolutions with self-attention, or none  [default: by --arch]', metavar='LIST', type=int_list, default=d.attn),
         click.option('--lr',        help='Learning rate', metavar='FLOAT', type=pos, default=d.lr),
-        click.option('--lr-rampup', help='Learning-rate warm-up in thousands of images', metavar='KIMG', type=click.FloatRange(min=0), default=d.lr_rampup),
-        click.option('--ema',       help='EMA half-life in millions of images', metavar='MIMG', type=click.FloatRange(min=0), default=d.ema),
+        click.option('--lr-rampup', help='Learning-rate warm-up in thousands of images', metavar='KIMG', type=finite_float(min=0), default=d.lr_rampup),
+        click.option('--ema',       help='EMA half-life in millions of images', metavar='MIMG', type=finite_float(min=0), default=d.ema),
         click.option('--dropout',   help='Dropout probability', metavar='FLOAT', type=unit, default=d.dropout),
         click.option('--augment',   help='Augment probability (0 = off)', metavar='FLOAT', type=unit, default=d.augment),
         click.option('--xflip',     help='Add x-flipped copies of the data set', metavar='BOOL', type=bool, default=d.xflip),
@@ -156,16 +248,16 @@ def sampler_options(f: Callable) -> Callable:
     """The sampler's flags (generate.py, fid.py gen); they fill generation.sample_images' sampler_kwargs."""
     from training.generation import SOLVERS
     from training.sampler import RHO, SIGMA_MAX, SIGMA_MIN
-    pos = click.FloatRange(min=0, min_open=True)
+    pos = finite_float(min=0, min_open=True)
     return _apply(f, [
-        click.option('--steps', 'num_steps', help='Number of sampling steps N (2N-1 network calls)', metavar='INT', type=click.IntRange(min=2), default=18, show_default=True),
+        click.option('--steps', 'num_steps', help='Number of sampling steps N (2N-1 network calls)', metavar='INT', type=click.IntRange(min=2, max=MAX_STEPS), default=18, show_default=True),
         click.option('--sigma_min',          help='Lowest noise level, in [-1,1] pixel units (clipped to the network\'s)', metavar='FLOAT', type=pos, default=SIGMA_MIN, show_default=True),
         click.option('--sigma_max',          help='Highest noise level, in [-1,1] pixel units (clipped to the network\'s)', metavar='FLOAT', type=pos, default=SIGMA_MAX, show_default=True),
         click.option('--rho',                help='Time step exponent', metavar='FLOAT', type=pos, default=RHO, show_default=True),
-        click.option('--S_churn', 'S_churn', help='Stochasticity strength (0 = deterministic)', metavar='FLOAT', type=click.FloatRange(min=0), default=0, show_default=True),
-        click.option('--S_min', 'S_min',     help='Churn only at sigma >= S_min ([-1,1] units)', metavar='FLOAT', type=click.FloatRange(min=0), default=0, show_default=True),
-        click.option('--S_max', 'S_max',     help='Churn only at sigma <= S_max ([-1,1] units)', metavar='FLOAT', type=click.FloatRange(min=0), default=float('inf'), show_default=True),
-        click.option('--S_noise', 'S_noise', help='Churn noise inflation', metavar='FLOAT', type=click.FloatRange(min=0), default=1, show_default=True),
+        click.option('--S_churn', 'S_churn', help='Stochasticity strength (0 = deterministic)', metavar='FLOAT', type=finite_float(min=0), default=0, show_default=True),
+        click.option('--S_min', 'S_min',     help='Churn only at sigma >= S_min ([-1,1] units)', metavar='FLOAT', type=finite_float(min=0), default=0, show_default=True),
+        click.option('--S_max', 'S_max',     help='Churn only at sigma <= S_max ([-1,1] units)', metavar='FLOAT', type=finite_float(min=0, allow_inf=True), default=float('inf'), show_default=True),
+        click.option('--S_noise', 'S_noise', help='Churn noise inflation', metavar='FLOAT', type=finite_float(min=0), default=1, show_default=True),
         click.option('--solver',             help='ODE solver', type=click.Choice(list(SOLVERS)), default='heun', show_default=True),
     ])
 

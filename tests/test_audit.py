@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 import audit as audit_cli
 import dataset_tool
+from tests.test_generation import bad, run_bad_case  # noqa: F401 - bad is a fixture
 from tests.test_metrics import write_pngs
 from training import audit, metrics
 
@@ -295,3 +296,38 @@ def test_cli_on_a_network_does_not_depend_on_world_size(data, tmp_path, torchrun
     one, two = (json.loads((tmp_path / name / 'audit.json').read_text()) for name in ('one', 'two'))
     assert one['num_samples'] == 23 and one['mirror'] and one['gallery'][0]['sample'] in range(23)
     assert one == two
+
+#----------------------------------------------------------------------------
+# audit.py against bad input (tests/test_generation.py's files and checks): one 'Error:' line naming the input and
+# the fix, exit 1 (2 for click's usage errors), no traceback, nothing written, nothing from a hostile file run.
+
+AUDIT_CASES = {
+    'outdir-file':        (['--outdir={text_txt}'], 1, ['--outdir={text_txt} is a file, not a directory']),
+    'outdir-read-only':   (['--outdir={ro}/audit'], 1, ['--outdir={ro}/audit cannot be written ({ro} is not a writable directory)']),
+    'outdir-empty':       (['--outdir='], 1, ['--outdir is empty; give a directory path']),
+    'outdir-json-is-dir': ([], 1, ['{out}/audit.json is a directory, not a file; give another --outdir']),
+    'seeds-huge':         (['--seeds=0-999999999'], 1, ['--seeds=0-999999999 asks for 1,000,000,000 images', 'give a smaller range']),
+    'seeds-empty':        (['--seeds='], 1, ['--seeds is empty: give seeds such as 0-63']),
+    'rho-nan':            (['--rho=nan'], 2, ["'--rho': nan is not a number"]),
+    'S_max-nan':          (['--S_max=nan'], 2, ["'--S_max': nan is not a number; give a finite number x>=0 or inf"]),
+    'S_noise-inf':        (['--S_noise=inf'], 2, ["'--S_noise': inf is not finite"]),
+    'inf-images':         (['--S_churn=10', '--S_noise=1e308'], 1, ['NaN or inf for seeds 0..3', '--S_noise']),
+    'gallery-zero':       (['--gallery=0'], 2, ["'--gallery': 0 is not in the range x>=1"]),
+    'network-code-pkl':   (['--network={code_pkl}'], 1, ['{code_pkl} is a pickle but not an EDM network pickle', 'nothing in it was run']),
+    'network-code-pt':    (['--network={code_pt}'], 1, ['{code_pt} holds Python objects beyond tensors', 'it was not run']),
+    'network-huge':       (['--network={huge_pt}'], 1, ['{huge_pt} describes a network (EDMPrecond) of', 'GiB of memory available']),
+    'network-truncated':  (['--network={truncated_pt}'], 1, ['{truncated_pt} is truncated or corrupt', 'copy or download it again']),
+    'clean-not-images':   (['--clean={text_txt}'], 1, ['{text_txt} is neither a folder nor a zip file']),
+    'clean-resolution':   (['--clean={small}'], 1, ['The clean set holds 4x4 images', 'audit images of one resolution']),
+    'samples-missing':    (['--samples={dir}/missing', '--clean={imgs}', '--outdir={out}'], 1, ['Dataset not found']),
+}
+
+
+@pytest.mark.parametrize('case', AUDIT_CASES)
+def test_audit_cli_bad_input(bad, tmp_path, case):
+    args, exit_code, needles = AUDIT_CASES[case]
+    if not any(a.startswith('--samples=') for a in args):  # a network audit: the flags given replace these
+        base = ['--network={net_pt}', '--clean={imgs}', '--outdir={out}', '--seeds=0-3', '--steps=2', '--workers=0']
+        args = [a for a in base if a.split('=')[0] not in {b.split('=')[0] for b in args}] + args
+    setup = (lambda names: os.makedirs(os.path.join(names['out'], 'audit.json'))) if case == 'outdir-json-is-dir' else None
+    run_bad_case(audit_cli.main, bad, tmp_path, args, exit_code, needles, setup)

@@ -118,7 +118,7 @@ def test_pickle_with_other_globals_is_refused(tmp_path):
     path = str(tmp_path / 'evil.pkl')
     with open(path, 'wb') as f:
         pickle.dump(dict(ema=Evil()), f)
-    with pytest.raises(dnnlib.UserError, match='refusing to load posix.getcwd') as excinfo:
+    with pytest.raises(dnnlib.UserError, match='it needs posix.getcwd, which no EDM network pickle uses; nothing in it was run') as excinfo:
         checkpoint.load_network(path)
     _assert_one_line_user_error(excinfo)
 
@@ -157,5 +157,125 @@ def test_check_network_matches():
     checkpoint.check_network_matches(net, 8, 3)
     with pytest.raises(dnnlib.UserError, match='8x8 images with 3 channels; the data has 32x32 with 3'):
         checkpoint.check_network_matches(net, 32, 3)
+
+#----------------------------------------------------------------------------
+# Files that are not what they claim, and networks too large to build.
+
+def snapshot_dict(init_kwargs, state_dict=None, **changes):
+    data = dict(format=checkpoint.SNAPSHOT_FORMAT, version=checkpoint.VERSION, class_name='training.networks.EDMPrecond',
+                init_kwargs=init_kwargs, state_dict={} if state_dict is None else state_dict, augment_kwargs=None,
+                dataset_kwargs=None, kimg=0.0, meta={})
+    data.update(changes)
+    return data
+
+
+TINY = dict(img_resolution=8, img_channels=3, model_type='SongUNet', model_channels=8, channel_mult=[1, 1], num_blocks=1,
+            attn_resolutions=[], dropout=0)
+
+
+@pytest.mark.parametrize('class_name, model_type', [('EDMPrecond', 'SongUNet'), ('VPPrecond', 'SongUNet'),
+                                                    ('VEPrecond', 'DhariwalUNet'), ('iDDPMPrecond', 'DhariwalUNet')])
+def test_network_size_is_what_building_allocates(class_name, model_type):
+    kwargs = dict(TINY, model_type=model_type)
+    if model_type == 'DhariwalUNet':
+        del kwargs['dropout']
+    net = getattr(networks, class_name)(**kwargs)
+    tensors = [*net.parameters(), *net.buffers()]
+    assert checkpoint.network_size(class_name, kwargs) == (sum(p.numel() for p in net.parameters()),
+                                                           sum(t.numel() * t.element_size() for t in tensors))
+
+
+def test_network_size_of_the_paper_network():
+    kwargs = dict(img_resolution=32, img_channels=3, model_type='SongUNet', embedding_type='positional', encoder_type='standard',
+                  decoder_type='standard', channel_mult_noise=1, resample_filter=[1, 1], model_channels=128, augment_dim=9,
+                  channel_mult=[2, 2, 2])
+    assert checkpoint.network_size('training.networks.EDMPrecond', kwargs)[0] == 55_733_891  # EDM's CIFAR-10 DDPM++
+
+
+def test_a_network_larger_than_memory_is_refused_with_its_size(tmp_path, monkeypatch):
+    huge = str(tmp_path / 'huge.pt')
+    torch.save(snapshot_dict(dict(TINY, model_channels=100_000)), huge)
+    with pytest.raises(dnnlib.UserError, match=r'huge\.pt describes a network \(EDMPrecond\) of [\d,]+ parameters '
+                                               r'\([\d,.]+ GiB\), more than the [\d,.]+ GiB of memory available on cpu') as excinfo:
+        checkpoint.load_network(huge)
+    _assert_one_line_user_error(excinfo)
+    params = int(excinfo.value.message.split(' of ')[1].split(' parameters')[0].replace(',', ''))
+    assert params > 100_000 ** 2  # at least one 100,000 x 100,000 weight matrix
+    # At the limit: a real network's bytes, with one byte less (or more) available.
+    net_path = str(tmp_path / 'net.pt')
+    net = networks.EDMPrecond(**TINY)
+    checkpoint.save_network(net_path, net)
+    size = sum(t.numel() * t.element_size() for t in [*net.parameters(), *net.buffers()])
+    monkeypatch.setattr(checkpoint, 'available_memory', lambda device: size - 1)
+    with pytest.raises(dnnlib.UserError, match='more than the 0.0 GiB of memory available on cpu'):
+        checkpoint.load_network(net_path)
+    monkeypatch.setattr(checkpoint, 'available_memory', lambda device: size)
+    assert isinstance(checkpoint.load_network(net_path), networks.EDMPrecond)
+    # The device the network goes to counts too (refused before anything is moved there).
+    monkeypatch.setattr(checkpoint, 'available_memory', lambda device: size if torch.device(device).type == 'cpu' else size - 1)
+    with pytest.raises(dnnlib.UserError, match='available on cuda:1'):
+        checkpoint.load_network(net_path, device='cuda:1')
+
+
+def test_a_network_of_too_many_modules_is_refused_while_counting(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoint, 'MAX_MODULES', 40)
+    path = str(tmp_path / 'deep.pt')
+    torch.save(snapshot_dict(dict(TINY, num_blocks=1000)), path)
+    registered = []
+    hook = torch.nn.modules.module.register_module_module_registration_hook(lambda *args: registered.append(1))
+    try:
+        with pytest.raises(dnnlib.UserError, match=r'deep\.pt describes a network \(EDMPrecond\) of more than 40 modules') as excinfo:
+            checkpoint.load_network(path)
+    finally:
+        hook.remove()
+    _assert_one_line_user_error(excinfo)
+    assert len(registered) <= 41  # stopped at the first module too many, not after the 1000 blocks' thousands
+
+
+class WritesMarker:
+    """Pickles as a call of open(marker, 'w'): loading it with code execution creates the marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, 'w'))
+
+
+def test_files_that_are_not_ours_get_one_line_each_and_never_run(tmp_path):
+    marker = tmp_path / 'MARKER'
+    net = _tiny_net()
+    good = str(tmp_path / 'good.pt')
+    checkpoint.save_network(good, net)
+    code_pt, code_pkl = tmp_path / 'code.pt', tmp_path / 'code.pkl'
+    torch.save(snapshot_dict(net.init_kwargs, hook=WritesMarker(marker)), code_pt)
+    code_pkl.write_bytes(pickle.dumps(dict(ema=WritesMarker(marker))))
+    pickle.loads(code_pkl.read_bytes())['ema'].close()  # the hostile files are real: unrestricted loading runs them
+    assert marker.exists()
+    marker.unlink()
+    (tmp_path / 'truncated.pt').write_bytes(open(good, 'rb').read()[:3000])
+    (tmp_path / 'other.pkl').write_bytes(pickle.dumps({'weights': [1, 2]}))
+    state = {k: v[:1] for k, v in net.state_dict().items()}
+    torch.save(snapshot_dict(net.init_kwargs, state), tmp_path / 'shapes.pt')
+    torch.save(snapshot_dict(net.init_kwargs, class_name=None), tmp_path / 'noclass.pt')
+    torch.save(snapshot_dict(dict(net.init_kwargs, model_channels='wide')), tmp_path / 'badargs.pt')
+    expected = {
+        'code.pt': 'code.pt holds Python objects beyond tensors (io.open), so it is not one of our snapshots; it was '
+                   'not run (network files are read weights-only). Give a network-snapshot-*.pt',
+        'code.pkl': 'code.pkl is a pickle but not an EDM network pickle: it needs io.open, which no EDM network '
+                    'pickle uses; nothing in it was run. Give an EDM network .pkl',
+        'truncated.pt': 'truncated.pt is truncated or corrupt (RuntimeError: PytorchStreamReader failed reading zip archive: '
+                        'failed finding central directory): copy or download it again',
+        'other.pkl': 'other.pkl is a pickle but not an EDM network pickle (it holds no "ema" network): give an EDM network pickle',
+        'shapes.pt': 'shapes.pt: weights do not fit EDMPrecond (Error(s) in loading state_dict for EDMPrecond: size mismatch',
+        'noclass.pt': "noclass.pt claims to be a snapshot but its 'class_name' is missing or malformed: the file is corrupt",
+        'badargs.pt': 'Cannot build EDMPrecond from the arguments in',
+    }
+    for name, message in expected.items():
+        with pytest.raises(dnnlib.UserError) as excinfo:
+            checkpoint.load_network(str(tmp_path / name))
+        _assert_one_line_user_error(excinfo)
+        assert message in excinfo.value.message and len(excinfo.value.message) < 400, (name, excinfo.value.message)
+    assert not marker.exists()
 
 #----------------------------------------------------------------------------

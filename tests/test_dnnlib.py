@@ -278,3 +278,151 @@ def test_stale_temporaries_are_never_guessed_off_posix(tmp_path, monkeypatch):
     assert kills == [] and removed == [] and len(os.listdir(tmp_path)) == 1
     monkeypatch.undo()
     assert len(util.remove_stale_temps(str(tmp_path))) == 1 and os.listdir(tmp_path) == []
+
+
+# dnnlib/cli.py: finite floats, seed lists, writable destinations.
+
+import contextlib
+import subprocess
+
+import click
+from click.testing import CliRunner
+
+from dnnlib import cli
+
+
+@contextlib.contextmanager
+def read_only_dir(path):
+    """`path` made a directory nobody can create files in: chmod 555, and for root (whom chmod does not stop) the
+    immutable attribute; skips the test where neither works."""
+    os.makedirs(path, exist_ok=True)
+    os.chmod(path, 0o555)
+    immutable = False
+    try:
+        if _can_write(path) and os.geteuid() == 0:
+            immutable = subprocess.run(['chattr', '+i', str(path)], capture_output=True).returncode == 0
+        if _can_write(path):
+            pytest.skip('cannot make a read-only directory here')
+        yield str(path)
+    finally:
+        if immutable:
+            subprocess.run(['chattr', '-i', str(path)], check=True)
+        os.chmod(path, 0o755)
+
+
+def _can_write(path):
+    probe = os.path.join(path, '.probe')
+    try:
+        open(probe, 'w').close()
+    except OSError:
+        return False
+    os.remove(probe)
+    return True
+
+
+def _float_command():
+    @click.command()
+    @click.option('--x', type=cli.finite_float(min=0, min_open=True))
+    @click.option('--y', type=cli.finite_float(min=0, allow_inf=True))
+    def command(x, y):
+        click.echo(f'{x} {y}')
+    return command
+
+
+@pytest.mark.parametrize('args, error', [
+    (['--x=nan'], "'--x': nan is not a number; give a finite number x>0"),
+    (['--x=NaN'], "'--x': nan is not a number"),
+    (['--x=inf'], "'--x': inf is not finite"),
+    (['--x=1e400'], "'--x': inf is not finite"),   # overflows to inf
+    (['--x=0'], "'--x': 0.0 is not in the range x>0"),
+    (['--y=nan'], "'--y': nan is not a number; give a finite number x>=0 or inf"),
+    (['--y=-inf'], "'--y': -inf is not in the range x>=0"),
+])
+def test_finite_float_refuses_nan_and_inf(args, error):
+    result = CliRunner().invoke(_float_command(), args)
+    assert result.exit_code == 2 and error in result.output, result.output
+
+
+def test_finite_float_accepts_numbers_and_allowed_inf():
+    result = CliRunner().invoke(_float_command(), ['--x=0.25', '--y=inf'])
+    assert result.exit_code == 0 and result.output == '0.25 inf\n', result.output
+
+
+def _float_options(group):
+    @click.command()
+    @group
+    def command(**kwargs):
+        pass
+    return command, [p for p in command.params if isinstance(p.type, click.types.FloatParamType)]
+
+
+@pytest.mark.parametrize('group', [cli.train_options, cli.sampler_options], ids=['train_options', 'sampler_options'])
+def test_every_float_flag_of_the_shared_groups_refuses_nan(group):
+    command, floats = _float_options(group)
+    names = {p.opts[0] for p in floats}
+    expected = {'train_options': {'--lr', '--lr-rampup', '--ema', '--dropout', '--augment', '--ls', '--tick'},
+                'sampler_options': {'--sigma_min', '--sigma_max', '--rho', '--S_churn', '--S_min', '--S_max', '--S_noise'}}
+    assert names == expected[group.__name__]
+    for p in floats:
+        for value in ['nan', 'inf'] if p.opts[0] != '--S_max' else ['nan']:
+            result = CliRunner().invoke(command, [f'{p.opts[0]}={value}'])
+            assert result.exit_code == 2 and f"'{p.opts[0]}': {value} is not" in result.output, (p.opts, result.output)
+    assert CliRunner().invoke(command, ['--S_max=inf'] if group is cli.sampler_options else []).exit_code == 0
+
+
+def test_parse_seeds_counts_before_building(monkeypatch):
+    assert cli.parse_seeds('3, 0-2,1000') == [3, 0, 1, 2, 1000]
+    with pytest.raises(dnnlib.UserError, match=r'--seeds=0-999999999 asks for 1,000,000,000 images, more than 10,000,000'):
+        cli.parse_seeds('0-999999999')  # instantly: no list of a billion ints is built first
+    monkeypatch.setattr(cli, 'MAX_SEEDS', 10)
+    assert cli.parse_seeds('0-9') == list(range(10))
+    with pytest.raises(dnnlib.UserError, match='asks for 11 images'):
+        cli.parse_seeds('0-4,5-9,100', flag='--seeds')
+    for text, match in [('', '--seeds is empty: give seeds such as 0-63'), (' ', '--seeds is empty'),
+                        ('5-3', "--seeds=5-3: Bad range '5-3'"), ('1,x', '--seeds=1,x: Bad integer list')]:
+        with pytest.raises(dnnlib.UserError, match=match):
+            cli.parse_seeds(text)
+
+
+def test_int_list_refuses_huge_ranges_before_building():
+    assert cli.int_list('1,2-4') == [1, 2, 3, 4] and cli.int_list('none') == [] and cli.int_list([2, 2]) == [2, 2]
+    assert len(cli.int_list('1-1000')) == 1000
+
+    @click.command()
+    @click.option('--cres', type=cli.int_list)
+    def command(cres):
+        click.echo(cres)
+    for value, error in [('1-999999999', "'--cres': 1-999999999 asks for 999,999,999 numbers; give at most 1,000"),
+                         ('2,x', "'--cres': Bad integer list '2,x'")]:
+        result = CliRunner().invoke(command, [f'--cres={value}'])
+        assert result.exit_code == 2 and isinstance(result.exception, SystemExit) and error in result.output, result.output
+
+
+def test_writable_destinations(tmp_path):
+    (tmp_path / 'file').write_text('x')
+    (tmp_path / 'dir').mkdir()
+    cli.check_writable_dir(str(tmp_path / 'new' / 'deeper'), '--outdir')
+    cli.check_writable_file(str(tmp_path / 'new' / 'ref.npz'), '--dest')
+    cli.check_writable_file(str(tmp_path / 'file'), '--dest')  # replaced atomically
+    for check in cli.check_writable_dir, cli.check_writable_file:
+        with pytest.raises(dnnlib.UserError, match='--outdir is empty; give a'):
+            check('', '--outdir')  # would be the working directory
+    cases = [
+        (cli.check_writable_dir, 'file', '--outdir=FILE is a file, not a directory'),
+        (cli.check_writable_dir, 'file/sub', '--outdir=FILE/sub cannot be written (FILE is not a writable directory)'),
+        (cli.check_writable_file, 'dir', '--outdir=DIR is a directory, not a file; give another --outdir'),
+        (cli.check_writable_file, 'file/x.npz', '--outdir=FILE/x.npz cannot be written (FILE is not a writable directory)'),
+    ]
+    for check, name, message in cases:
+        with pytest.raises(dnnlib.UserError) as excinfo:
+            check(str(tmp_path / name), '--outdir')
+        assert excinfo.value.message.startswith(message.replace('FILE', str(tmp_path / 'file')).replace('DIR', str(tmp_path / 'dir')))
+    with read_only_dir(tmp_path / 'ro') as ro:
+        with pytest.raises(dnnlib.UserError, match='is not a writable directory'):
+            cli.check_writable_dir(os.path.join(ro, 'out'), '--outdir')
+        with pytest.raises(dnnlib.UserError, match='is not a writable directory'):
+            cli.check_writable_dir(ro, '--outdir')
+        with pytest.raises(dnnlib.UserError, match=r'--dest=.*ref\.npz cannot be written'):
+            cli.check_writable_file(os.path.join(ro, 'ref.npz'), '--dest')
+        assert os.listdir(ro) == []
+    assert sorted(os.listdir(tmp_path)) == ['dir', 'file', 'ro']  # the checks leave nothing behind

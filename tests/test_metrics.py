@@ -10,6 +10,7 @@ import torch
 from click.testing import CliRunner
 
 import fid
+from tests.test_generation import bad, run_bad_case  # noqa: F401 - bad is a fixture
 from torch_utils import persistence
 from training import metrics
 
@@ -196,7 +197,7 @@ def test_cli_bad_input(tmp_path):
     assert_one_line_error(*invoke(['ref', f'--data={tmp_path / "a"}', f'--dest={ref}', f'--detector={corrupt}']), 'Cannot load detector')
     not_ref = tmp_path / 'not_ref.npz'
     not_ref.write_bytes(b'garbage')
-    assert_one_line_error(*invoke(['calc', f'--images={tmp_path / "a"}', f'--ref={not_ref}', '--num=10']), 'Cannot read reference')
+    assert_one_line_error(*invoke(['calc', f'--images={tmp_path / "a"}', f'--ref={not_ref}', '--num=10']), 'is not a .npz file of reference')
 
 #----------------------------------------------------------------------------
 
@@ -426,12 +427,14 @@ def _spy_generated_seeds(monkeypatch) -> list:
 
 def test_network_fid_seed_sets_are_consecutive_disjoint_ranges(tmp_path, monkeypatch):
     from tests.test_generation import ToyDenoiser
-    net = ToyDenoiser(img_resolution=1)  # 3 pixels: full-rank covariances from 6 images
-    write_pngs(tmp_path / 'a', random_images(8, 0, shape=(3, 1, 1)))
+    net = ToyDenoiser()
+    write_pngs(tmp_path / 'a', random_images(8, 0, shape=(3, 8, 8)))
+    det = tmp_path / 'moments.pkl'  # 6 features: full-rank covariances from 6 images
+    det.write_bytes(pickle.dumps(ChannelMomentsDetector()))
     ref = str(tmp_path / 'ref.npz')
-    metrics.make_ref(str(tmp_path / 'a'), ref, detector='pixels')
+    metrics.make_ref(str(tmp_path / 'a'), ref, detector=str(det))
     seen = _spy_generated_seeds(monkeypatch)
-    metrics.calc_network_fids(net, ref, num=6, repeats=3, seed=5, detector='pixels', batch_size=4, sampler_kwargs=dict(num_steps=2))
+    metrics.calc_network_fids(net, ref, num=6, repeats=3, seed=5, detector=str(det), batch_size=4, sampler_kwargs=dict(num_steps=2))
     assert seen == [[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16], [17, 18, 19, 20, 21, 22]]
 
 
@@ -449,3 +452,64 @@ def test_fid_gen_cli_seed_sets(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert seen == [list(range(100, 108)), list(range(108, 116))]
     assert [line.split(':')[0] for line in lines if line.startswith('seeds ')] == ['seeds 100-107', 'seeds 108-115']
+
+
+#----------------------------------------------------------------------------
+# fid.py against bad input (tests/test_generation.py's files and checks): one 'Error:' line naming the input and
+# the fix, exit 1 (2 for click's usage errors), no traceback, nothing written, nothing from a hostile file run.
+
+GEN = ['gen', '--network={net_pt}', '--ref={ref_npz}', '--num=4', '--repeats=1', '--steps=2']
+FID_CASES = {
+    'ref-data-missing':     (['ref', '--data={dir}/missing', '--dest={out}.npz', '--detector=pixels'], 1, ['No such file or directory: {dir}/missing']),
+    'ref-data-not-images':  (['ref', '--data={text_txt}', '--dest={out}.npz', '--detector=pixels'], 1, ['{text_txt} is neither a folder nor a zip file']),
+    'ref-dest-dir':         (['ref', '--data={imgs}', '--dest={dir}', '--detector=pixels'], 1, ['--dest={dir} is a directory, not a file; give another --dest']),
+    'ref-dest-read-only':   (['ref', '--data={imgs}', '--dest={ro}/ref.npz', '--detector=pixels'], 1, ['--dest={ro}/ref.npz cannot be written ({ro} is not a writable directory)']),
+    'ref-dest-empty':       (['ref', '--data={imgs}', '--dest=', '--detector=pixels'], 1, ['--dest is empty; give a file path']),
+    'ref-dest-under-file':  (['ref', '--data={imgs}', '--dest={text_txt}/ref.npz', '--detector=pixels'], 1, ['--dest={text_txt}/ref.npz cannot be written']),
+    'ref-detector-unknown': (['ref', '--data={imgs}', '--dest={out}.npz', '--detector=nosuch'], 1, ["No detector 'nosuch': use inception, dinov2, pixels"]),
+    'ref-batch-zero':       (['ref', '--data={imgs}', '--dest={out}.npz', '--batch=0'], 2, ["'--batch': 0 is not in the range x>=1"]),
+    'calc-images-missing':  (['calc', '--images={dir}/missing', '--ref={ref_npz}'], 1, ['No such file or directory: {dir}/missing']),
+    'calc-num-too-many':    (['calc', '--images={imgs}', '--ref={ref_npz}', '--num=11'], 1, ['{imgs} holds 10 images, fewer than the 11 requested: give --num=10']),
+    'calc-num-one':         (['calc', '--images={imgs}', '--ref={ref_npz}', '--num=1'], 2, ["'--num': 1 is not in the range x>=2"]),
+    'calc-ref-missing':     (['calc', '--images={imgs}', '--ref={dir}/missing.npz', '--num=10'], 1, ['No such file: {dir}/missing.npz']),
+    'calc-ref-dims':        (['calc', '--images={imgs}', '--ref={wrong_dim_npz}', '--num=10', '--detector=pixels'], 1, ['{wrong_dim_npz} holds 3-d statistics', 'use the detector the reference was made with']),
+    'calc-ref-pickled':     (['calc', '--images={imgs}', '--ref={pickled_npz}', '--num=10'], 1, ['{pickled_npz} holds pickled Python objects', 'it was not loaded']),
+    'calc-ref-code-pkl':    (['calc', '--images={imgs}', '--ref={code_pkl}', '--num=10'], 1, ['{code_pkl} is not a .npz file of reference statistics (it is a Python pickle; it was not loaded): give a .npz']),
+    'gen-network-code-pt':  (GEN + ['--network={code_pt}'], 1, ['{code_pt} holds Python objects beyond tensors', 'it was not run']),
+    'gen-network-code-pkl': (GEN + ['--network={code_pkl}'], 1, ['{code_pkl} is a pickle but not an EDM network pickle', 'nothing in it was run']),
+    'gen-network-huge':     (GEN + ['--network={huge_pt}'], 1, ['{huge_pt} describes a network (EDMPrecond) of', 'GiB of memory available']),
+    'gen-network-truncated': (GEN + ['--network={truncated_pt}'], 1, ['{truncated_pt} is truncated or corrupt', 'copy or download it again']),
+    'gen-rho-nan':          (GEN + ['--rho=nan'], 2, ["'--rho': nan is not a number"]),
+    'gen-sigma_max-inf':    (GEN + ['--sigma_max=inf'], 2, ["'--sigma_max': inf is not finite"]),
+    'gen-num-huge':         (GEN + ['--num=20000000'], 2, ["'--num': 20000000 is not in the range 2<=x<=10000000"]),
+    'gen-class-uncond':     (GEN + ['--class=0'], 1, ['--class=0 was given, but the network is unconditional', 'drop --class']),
+    'gen-ref-dims':         (GEN + ['--ref={wrong_dim_npz}', '--detector=pixels'], 1, ['{wrong_dim_npz} holds 3-d statistics']),
+    'gen-inf-images':       (GEN + ['--S_churn=10', '--S_noise=1e308'], 1, ['NaN or inf for seeds 0..3', '--S_noise']),
+    'convert-dest-dir':     (['convert-inception', '--dest={dir}'], 1, ['--dest={dir} is a directory, not a file; give another --dest']),
+    'convert-dest-read-only': (['convert-inception', '--dest={ro}/inception.pth'], 1, ['--dest={ro}/inception.pth cannot be written']),
+    'convert-src-missing':  (['convert-inception', '--src={dir}/missing.pkl', '--dest={out}.pth'], 1, ['No such file: {dir}/missing.pkl']),
+    'convert-src-truncated': (['convert-inception', '--src={truncated_pt}', '--dest={out}.pth'], 1, ['Cannot load detector {truncated_pt}: not a readable detector pickle',
+                                                                                   'failed finding central directory)']),
+    'check-data-missing':   (['check-inception', '--data={dir}/missing'], 1, ['No such file or directory: {dir}/missing']),
+    'check-num-too-many':   (['check-inception', '--data={imgs}', '--num=11'], 1, ['{imgs} holds 10 images, fewer than the 11 requested: give --num=10']),
+    'check-num-small':      (['check-inception', '--data={imgs}', '--num=2'], 2, ["'--num': 2 is not in the range x>=4"]),
+}
+
+
+def test_the_hostile_reference_is_real(tmp_path):
+    from tests.test_generation import bad_input_files
+    files = bad_input_files(tmp_path)
+    np.load(files['pickled_npz'], allow_pickle=True)['mu'][0].close()  # unpickling it runs open(marker, 'w')
+    assert os.path.exists(files['marker'])
+
+
+@pytest.mark.parametrize('case', FID_CASES)
+def test_fid_cli_bad_input(bad, tmp_path, case, monkeypatch):
+    def no_downloads(*args, **kwargs):
+        raise AssertionError('a bad input must be refused before anything is downloaded')
+    monkeypatch.setattr(metrics.dnnlib.util, 'requests', None)  # any download attempt fails loudly
+    monkeypatch.setattr(metrics.inception, 'load_inception', no_downloads)
+    args, exit_code, needles = FID_CASES[case]
+    if args[0] == 'gen':  # the later --network / --ref replace GEN's
+        args = [a for i, a in enumerate(args) if a.split('=')[0] not in {b.split('=')[0] for b in args[i + 1:]}]
+    run_bad_case(fid.main, bad, tmp_path, args, exit_code, needles)

@@ -64,7 +64,10 @@ class PersistentRecord:
         if self.state.get('_init_args'):
             raise dnnlib.UserError(f'EDM pickle: {self.class_name} was constructed with positional arguments; '
                                    'cannot rebuild it')
-        return dict(copy.deepcopy(self.state.get('_init_kwargs') or {}))
+        kwargs = self.state.get('_init_kwargs') or {}
+        if not isinstance(kwargs, dict):
+            raise dnnlib.UserError(f'EDM pickle: the constructor arguments of {self.class_name} are not a dict; the file is corrupt')
+        return dict(copy.deepcopy(kwargs))
 
     def state_dict(self, prefix: str = '') -> dict[str, torch.Tensor]:
         """Flat state dict (parameters and persistent buffers) gathered from the pickled module tree."""
@@ -126,6 +129,14 @@ _ALLOWED = {
 }
 
 
+class RefusedGlobal(pickle.UnpicklingError):
+    """A pickle names a global (`name`, e.g. 'posix.system') that no EDM network pickle needs; nothing was called."""
+
+    def __init__(self, name: str):
+        super().__init__(f'refusing to load {name}')
+        self.name = name
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
     """Resolves only the globals an EDM network pickle needs; anything else is refused."""
 
@@ -136,13 +147,14 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return _TorchModuleStub
         if module == 'torch' and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
-        raise pickle.UnpicklingError(f'refusing to load {module}.{name}')
+        raise RefusedGlobal(f'{module}.{name}')
 
 
 def load_edm_pickle(f: BinaryIO) -> Any:
     """Unpickle an EDM pickle without executing embedded code; persistent objects become PersistentRecords.
 
-    Raises pickle.UnpicklingError (or EOFError etc.) for files that are not such pickles.
+    Raises RefusedGlobal for a global outside the allowed set, pickle.UnpicklingError (or EOFError etc.) for
+    files that are not such pickles.
     """
     return _RestrictedUnpickler(f).load()
 

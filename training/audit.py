@@ -442,11 +442,16 @@ def save_histogram(path: str, result: dnnlib.EasyDict) -> None:
         fig.savefig(f, format='png', dpi=100)
 
 
+def result_paths(outdir: str) -> dict[str, str]:
+    """Where write_results puts audit.json, gallery.png and histogram.png (keys json, gallery, histogram)."""
+    return {key: os.path.join(outdir, name) for key, name in
+            [('json', 'audit.json'), ('gallery', 'gallery.png'), ('histogram', 'histogram.png')]}
+
+
 def write_results(outdir: str, result: dnnlib.EasyDict, gallery_rows: int = 16,
                   sample_names: Sequence[Any] | None = None) -> dict[str, str]:
     """Write audit.json (the report and the gallery's rows), gallery.png and histogram.png into `outdir`; return their paths."""
-    paths = {key: os.path.join(outdir, name) for key, name in
-             [('json', 'audit.json'), ('gallery', 'gallery.png'), ('histogram', 'histogram.png')]}
+    paths = result_paths(outdir)
     rows = closest_rows(result, gallery_rows)
     names = list(range(result.samples.shape[0])) if sample_names is None else list(sample_names)
     listed = [{'sample': names[s], 'nearest': {name: {'index': int(nn.i1[s]), 'distance': float(nn.d1[s]),

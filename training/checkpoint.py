@@ -2,6 +2,8 @@
 
 import copy
 import os
+import pickle
+import re
 from typing import Any
 
 import torch
@@ -43,20 +45,106 @@ def network_class_name(net: torch.nn.Module) -> str:
     return f'{type(net).__module__}.{type(net).__qualname__}'
 
 
-def build_network(class_name: str, init_kwargs: dict) -> torch.nn.Module:
-    """Construct a training.networks class by dotted or bare name (e.g. 'training.networks.EDMPrecond')."""
+MAX_MODULES = 5_000  # EDM's networks have about 320; a file asking for more is crafted or corrupt
+
+
+class _TooManyModules(Exception):
+    """Raised by network_size's module hook to stop a construction that has passed MAX_MODULES."""
+
+
+def _network_class(class_name: str) -> type:
     from training import networks
     short = class_name.removeprefix('training.networks.')
     if short not in _NETWORK_CLASSES:
         raise UserError(f'Unsupported network class {class_name!r}; expected one of {", ".join(_NETWORK_CLASSES)}')
+    return getattr(networks, short)
+
+
+def _construct(cls: type, init_kwargs: dict, source: str) -> torch.nn.Module:
     try:
-        return getattr(networks, short)(**init_kwargs)
-    except TypeError as e:
-        raise UserError(f'Cannot build {short} from the file\'s arguments: {e}')
+        return cls(**init_kwargs)
+    except (UserError, _TooManyModules):
+        raise
+    except Exception as e:  # Arguments from a file can be wrong in any way: types, signs, sizes.
+        detail = ' '.join(str(e).split())[:200]
+        raise UserError(f'Cannot build {cls.__name__} from the arguments in {source}: {type(e).__name__}: {detail}')
+
+
+class _LargeTensorsOnMeta(torch.overrides.TorchFunctionMode):
+    """Tensors of more than SMALL elements are created on the meta device (no memory), smaller ones as usual: a network
+    can be built to count its weights while the scalars its constructor computes (VP's sigma_min, iDDPM's u) stay real."""
+
+    SMALL = 4096
+    FACTORIES = {torch.empty, torch.zeros, torch.ones, torch.full, torch.rand, torch.randn, torch.randint, torch.arange,
+                 torch.linspace, torch.eye, torch.tensor, torch.as_tensor}
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func in self.FACTORIES and kwargs.get('device') is None:
+            meta = func(*args, **{**kwargs, 'device': 'meta'})
+            if meta.numel() > self.SMALL:
+                return meta
+        return func(*args, **kwargs)
+
+
+def network_size(class_name: str, init_kwargs: dict, source: str = 'the file') -> tuple[int, int]:
+    """(parameter count, bytes of parameters and buffers) of the network `init_kwargs` describe, counted without
+    allocating its weights; a network of more than MAX_MODULES modules is refused while it is being built."""
+    cls = _network_class(class_name)
+    count = 0
+
+    def on_module(*_args: Any) -> None:
+        nonlocal count
+        count += 1
+        if count > MAX_MODULES:
+            raise _TooManyModules()
+
+    hook = torch.nn.modules.module.register_module_module_registration_hook(on_module)
+    try:
+        with _LargeTensorsOnMeta():
+            net = _construct(cls, init_kwargs, source)
+    except _TooManyModules:
+        raise UserError(f'{source} describes a network ({cls.__name__}) of more than {MAX_MODULES:,} modules (EDM\'s '
+                        f'networks have about 320): its constructor arguments are corrupt or crafted; it was not built') from None
+    finally:
+        hook.remove()
+    params = sum(p.numel() for p in net.parameters())
+    return params, sum(t.numel() * t.element_size() for t in [*net.parameters(), *net.buffers()])
+
+
+def available_memory(device: torch.device | str = 'cpu') -> int:
+    """Bytes that can be allocated now: free memory of a CUDA device, else the machine's available memory."""
+    device = torch.device(device)
+    if device.type == 'cuda':
+        return int(torch.cuda.mem_get_info(device)[0])
+    import psutil
+    return int(psutil.virtual_memory().available)
+
+
+def build_network(class_name: str, init_kwargs: dict, device: torch.device | str | None = None,
+                  source: str = 'the file') -> torch.nn.Module:
+    """Construct a training.networks class by dotted or bare name (e.g. 'training.networks.EDMPrecond') on the CPU.
+
+    The size is estimated first (network_size); a network that would not fit in the available CPU memory (nor on
+    `device`, where the caller will move it) is refused with the estimate, before any memory is allocated.
+    """
+    cls = _network_class(class_name)
+    params, size = network_size(class_name, init_kwargs, source)
+    for where in dict.fromkeys([torch.device('cpu'), torch.device(device or 'cpu')]):
+        available = available_memory(where)
+        if size > available:
+            raise UserError(f'{source} describes a network ({cls.__name__}) of {params:,} parameters '
+                            f'({size / 2**30:,.1f} GiB), more than the {available / 2**30:,.1f} GiB of memory available on '
+                            f'{where}: its constructor arguments are corrupt or it needs a larger machine; it was not built')
+    return _construct(cls, init_kwargs, source)
 
 
 def _load_weights(net: torch.nn.Module, state_dict: dict, source: str) -> None:
-    result = net.load_state_dict(state_dict, strict=False)
+    try:
+        result = net.load_state_dict(state_dict, strict=False)
+    except (RuntimeError, TypeError, AttributeError) as e:  # shapes that differ, or not a dict of tensors
+        detail = ' '.join(str(e).split())
+        raise UserError(f'{source}: weights do not fit {type(net).__name__} ({detail[:200]})')
     if result.missing_keys or result.unexpected_keys:
         names = (result.missing_keys + result.unexpected_keys)[:3]
         raise UserError(f'{source}: weights do not fit {type(net).__name__} '
@@ -109,6 +197,8 @@ def _plain(obj: Any) -> Any:
 def _read(path_or_url: str) -> tuple[str, dict]:
     """(kind, contents) of a network file; kind is 'snapshot', 'training-state' or 'edm-pickle'."""
     name = os.fspath(path_or_url)
+    if not name.strip():
+        raise UserError('The network path is empty: give a .pt snapshot or training state, or an EDM .pkl')
     with dnnlib.util.open_url(name) as f:
         magic = f.read(4)
         f.seek(0)
@@ -121,19 +211,40 @@ def _read(path_or_url: str) -> tuple[str, dict]:
                     raise UserError(f'{name} is a PyTorch file but not a network snapshot or training state of this project')
                 if data.get('version', 0) > VERSION:
                     raise UserError(f'{name} was written by a newer version of this code (format version {data["version"]})')
+                weights = 'state_dict' if kind == 'snapshot' else 'ema'
+                for key, types in [('class_name', str), ('init_kwargs', dict), (weights, dict)]:
+                    if not isinstance(data.get(key), types):
+                        raise UserError(f'{name} claims to be a {kind.replace("-", " ")} but its {key!r} is missing or '
+                                        f'malformed: the file is corrupt')
             elif magic.startswith(b'\x80'):  # A plain pickle: EDM's format.
                 data = persistence.load_edm_pickle(f)
                 if not (isinstance(data, dict) and isinstance(data.get('ema'), persistence.PersistentRecord)):
-                    raise UserError(f'{name} is a pickle but not an EDM network pickle (no "ema" network)')
+                    raise UserError(f'{name} is a pickle but not an EDM network pickle (it holds no "ema" network): '
+                                    f'give an EDM network pickle or one of our .pt snapshots')
                 kind = 'edm-pickle'
             else:
                 raise UserError(f'{name} is not a network file: expected a .pt snapshot or training state, or an EDM .pkl')
         except UserError:
             raise
+        except persistence.RefusedGlobal as e:
+            raise UserError(f'{name} is a pickle but not an EDM network pickle: it needs {e.name}, which no EDM network '
+                            f'pickle uses; nothing in it was run. Give an EDM network .pkl or one of our .pt snapshots')
+        except pickle.UnpicklingError as e:
+            if not magic.startswith(b'PK') or 'weights only' not in str(e).lower():
+                raise UserError(f'{name} is truncated or corrupt ({error_summary(e)}): copy or download it again')
+            named = re.search(r'GLOBAL ([\w.]+)', str(e))
+            raise UserError(f'{name} holds Python objects beyond tensors{f" ({named.group(1)})" if named else ""}, so it is not '
+                            f'one of our snapshots; it was not run (network files are read weights-only). Give a '
+                            f'network-snapshot-*.pt or training-state-*.pt of this project, or an EDM .pkl')
         except Exception as e:  # Truncated or corrupt files surface as many exception types.
-            detail = (str(e).splitlines() or [''])[0][:200]
-            raise UserError(f'Cannot read {name}: truncated, corrupt or not a network file ({type(e).__name__}: {detail})')
+            raise UserError(f'{name} is truncated or corrupt ({error_summary(e)}): copy or download it again')
     return kind, data
+
+
+def error_summary(e: BaseException) -> str:
+    """'Type: the first sentence of the message', short (PyTorch's messages run to several paragraphs)."""
+    text = (str(e).strip().splitlines() or [''])[0]
+    return f'{type(e).__name__}: {text.split(". ")[0][:120]}'
 
 
 def load_network(path_or_url: str, device: torch.device | str = 'cpu') -> torch.nn.Module:
@@ -148,10 +259,10 @@ def load_network(path_or_url: str, device: torch.device | str = 'cpu') -> torch.
     kind, data = _read(path_or_url)
     if kind == 'edm-pickle':
         record = data['ema']
-        net = build_network(record.class_name, record.init_kwargs)
+        net = build_network(record.class_name, record.init_kwargs, device, source=os.fspath(path_or_url))
         _load_weights(net, record.state_dict(), path_or_url)
     else:
-        net = build_network(data['class_name'], data['init_kwargs'])
+        net = build_network(data['class_name'], data['init_kwargs'], device, source=os.fspath(path_or_url))
         _load_weights(net, data['state_dict'] if kind == 'snapshot' else data['ema'], path_or_url)
     return net.eval().requires_grad_(False).to(device)
 

@@ -17,6 +17,17 @@ SOLVERS = {'heun': sampler.heun_sampler, 'euler': sampler.euler_sampler}
 
 #----------------------------------------------------------------------------
 
+def check_class(net: torch.nn.Module, class_idx: int | None) -> None:
+    """UserError unless `class_idx` (--class) is None or one of the network's classes."""
+    if class_idx is None:
+        return
+    if not net.label_dim:
+        raise UserError(f'--class={class_idx} was given, but the network is unconditional (it has no classes): drop --class')
+    if not 0 <= class_idx < net.label_dim:
+        raise UserError(f'--class={class_idx} is out of range: the network has {net.label_dim} classes, '
+                        f'give --class from 0 to {net.label_dim - 1}')
+
+
 @torch.no_grad()
 def sample_images(net: torch.nn.Module, seeds: Sequence[int], num_steps: int = 18, sigma_min: float = sampler.SIGMA_MIN,
                   sigma_max: float = sampler.SIGMA_MAX, rho: float = sampler.RHO, S_churn: float = 0, S_min: float = 0, S_max: float = float('inf'),
@@ -30,6 +41,11 @@ def sample_images(net: torch.nn.Module, seeds: Sequence[int], num_steps: int = 1
     """
     if solver not in SOLVERS:
         raise UserError(f"Unknown solver {solver!r}: use {' or '.join(SOLVERS)}")
+    check_class(net, class_idx)
+    sigma_min, sigma_max = max(sigma_min, net.sigma_min), min(sigma_max, net.sigma_max)
+    if not sigma_min < sigma_max:
+        raise UserError(f'The noise levels run from --sigma_min={sigma_min:g} to --sigma_max={sigma_max:g} (after clipping to '
+                        f'the network\'s {net.sigma_min:g} to {net.sigma_max:g}): give a --sigma_min below --sigma_max')
     device = torch.device(device) if device is not None else next(net.parameters(), torch.empty(0)).device
     rnd = StackedRandomGenerator(device, seeds)
     latents = rnd.randn([len(seeds), net.img_channels, net.img_resolution, net.img_resolution])
@@ -37,12 +53,10 @@ def sample_images(net: torch.nn.Module, seeds: Sequence[int], num_steps: int = 1
     if net.label_dim:
         class_labels = torch.eye(net.label_dim, device=device)[rnd.randint(net.label_dim, size=[len(seeds)])]
         if class_idx is not None:
-            if not 0 <= class_idx < net.label_dim:
-                raise UserError(f'--class={class_idx} is out of range: the network has {net.label_dim} classes')
             class_labels[:, :] = 0
             class_labels[:, class_idx] = 1
-    sigmas = sampler.sigma_steps(num_steps, sigma_min=max(sigma_min, net.sigma_min), sigma_max=min(sigma_max, net.sigma_max),
-                                 rho=rho, round_sigma=net.round_sigma, device=device)
+    sigmas = sampler.sigma_steps(num_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, round_sigma=net.round_sigma,
+                                 device=device)
     return SOLVERS[solver](sampler.net_denoiser(net, class_labels), latents.to(torch.float64) * sigmas[0], sigmas,
                            S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise, randn_like=rnd.randn_like,
                            round_sigma=net.round_sigma)
@@ -60,12 +74,16 @@ def generate_images(net: torch.nn.Module, seeds: Sequence[int], batch_size: int 
     """
     if batch_size < 1:
         raise UserError(f'Batch size must be at least 1, got {batch_size}')
-    seeds = [int(s) for s in seeds]
+    check_class(net, class_idx)
     shard = distributed.shard(len(seeds))
     mine = seeds[shard.start:shard.stop]
     for start in range(0, len(mine), batch_size):
-        batch = mine[start:start + batch_size]
+        batch = [int(s) for s in mine[start:start + batch_size]]
         x = sample_images(net, batch, class_idx=class_idx, device=device, **(sampler_kwargs or {}))
+        if not torch.isfinite(x).all():  # to_uint8 would make them black images, and FIDs of black images
+            raise UserError(f'Sampling gave NaN or inf for seeds {batch[0]}..{batch[-1]}: the network or the sampler '
+                            f'settings are broken (check the network file and --sigma_max, --S_noise, --rho); stopped '
+                            f'before writing or using them')
         yield batch, images.to_uint8(x)
 
 #----------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import dnnlib
 from dnnlib.util import UserError
 from torch_utils import distributed, perf, pickle_compat
 from training import inception
+from training.checkpoint import error_summary
 
 INCEPTION_URL = 'https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/inception-2015-12-05.pkl'
 DETECTORS = ('inception', 'dinov2', 'pixels')  # built in and code-free; 'inception-pkl' (EDM's pickle) runs code
@@ -157,7 +158,7 @@ def _load_detector_file(path_or_url: str, device: torch.device) -> Any:
         raise
     except Exception as e:
         raise UserError(f'Cannot load detector {path_or_url}: not a readable detector pickle or TorchScript file '
-                        f'({type(e).__name__}: {" ".join(str(e).split())[:200]})')
+                        f'({error_summary(e)})')
 
 
 def load_detector(name_or_path: str, device: torch.device | str = 'cpu',
@@ -254,7 +255,8 @@ def open_images(path: str, num: int | None = None, seed: int = 0) -> torch.utils
         raise UserError(f'No such file or directory: {path}')
     dataset = open_dataset(path, max_size=num, random_seed=seed)
     if num is not None and len(dataset) < num:
-        raise UserError(f'{path} holds {len(dataset)} images, fewer than the {num} requested (--num)')
+        raise UserError(f'{path} holds {len(dataset)} images, fewer than the {num} requested: give --num={len(dataset)} '
+                        f'or less, or more images')
     if len(dataset) < 2:
         raise UserError(f'{path} holds {len(dataset)} image(s); statistics need at least 2')
     return dataset
@@ -325,13 +327,21 @@ def load_ref(path_or_url: str, expected_dim: int | None = None, detector: str | 
     EDM's published files hold only mu and sigma (Inception, 2048-d); ours also name their detector,
     which must then match `detector`.
     """
+    fix = 'give a .npz from fid.py ref or EDM\'s published one'
+    with dnnlib.util.open_url(path_or_url, verbose=distributed.is_main()) as f:
+        raw = f.read()
+    if not raw.startswith(b'PK'):  # .npz files are zip archives
+        pickled = ' (it is a Python pickle; it was not loaded)' if raw.startswith(b'\x80') else ''
+        raise UserError(f'{path_or_url} is not a .npz file of reference statistics{pickled}: {fix}')
     try:
-        with dnnlib.util.open_url(path_or_url, verbose=distributed.is_main()) as f:
-            data = dict(np.load(io.BytesIO(f.read()), allow_pickle=False))
-    except UserError:
-        raise
+        data = dict(np.load(io.BytesIO(raw), allow_pickle=False))
+    except ValueError as e:
+        if 'allow_pickle' not in str(e):
+            raise UserError(f'Cannot read reference statistics {path_or_url}: {error_summary(e)}')
+        raise UserError(f'{path_or_url} holds pickled Python objects, so it is not reference statistics (a .npz of '
+                        f'arrays); it was not loaded: {fix}')
     except Exception as e:
-        raise UserError(f'Cannot read reference statistics {path_or_url}: {type(e).__name__}: {" ".join(str(e).split())[:200]}')
+        raise UserError(f'Cannot read reference statistics {path_or_url}: {error_summary(e)}')
     if 'mu' not in data or 'sigma' not in data:
         raise UserError(f'{path_or_url} is not a reference statistics file: it needs arrays mu and sigma')
     mu, sigma = data['mu'].astype(np.float64), data['sigma'].astype(np.float64)
@@ -412,6 +422,8 @@ def calc_network_fids(net: torch.nn.Module, ref_path: str, num: int = 50000, rep
 
     precision, channels_last and compile apply to the network (perf.prepare_for_inference); the detector stays fp32.
     """
+    from training.generation import check_class
+    check_class(net, class_idx)
     net = perf.prepare_for_inference(net, precision=precision, channels_last=channels_last, compile=compile)
     ref = load_ref(ref_path, detector=detector if detector in DETECTORS else None)
     det = load_detector(detector_for_ref(detector, ref), device,
