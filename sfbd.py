@@ -4,7 +4,8 @@ import dataclasses
 
 import click
 
-from dnnlib.cli import AUTO_HELP, DETECTOR_HELP, INFERENCE_PRECISION_HELP, check_writable_dir, config_option, grid_option, train_options
+from dnnlib.cli import (AUTO_HELP, DETECTOR_HELP, INFERENCE_PRECISION_HELP, check_writable_dir, config_option, finite_float,
+                        grid_option, train_options)
 from dnnlib.util import UserError
 from torch_utils import distributed, perf
 from training import online, options, plan, sfbd
@@ -24,19 +25,19 @@ BATCH_ONLY = ('iters', 'finetune_kimg', 'finetune_data', 'clean_mix', 'eval_ever
 @click.option('--outdir', 'run_dir',       help='Run directory (created); rerun the same command to resume it', metavar='DIR', type=str, required=True)
 @click.option('--clean',         help='Clean set D_clean: image folder/zip or array dataset', metavar='ZIP|DIR', type=str, required=True)
 @click.option('--noisy',         help='Noisy set D_noisy: array dataset whose dataset.json gives sigma (dataset_tool.py corrupt / import-noisy)', metavar='DIR', type=str, required=True)
-@click.option('--sigma',         help='Expected noise level sigma_tau in [-1, 1] pixel units; an error if the noisy set says otherwise  [default: the noisy set\'s]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
+@click.option('--sigma',         help='Expected noise level sigma_tau in [-1, 1] pixel units; an error if the noisy set says otherwise  [default: the noisy set\'s]', metavar='FLOAT', type=finite_float(min=0, min_open=True))
 @click.option('--pretrained',    help='Skip pretraining; start from this network (snapshot, training state, or official EDM .pkl - a pickle can run code from the file: trusted files only). Its own architecture is kept', metavar='PT|PKL|URL', type=str)
-@click.option('--pretrain-kimg', help='Pretraining on D_clean, thousands of images (not with --pretrained)', metavar='KIMG', type=click.FloatRange(min=0, min_open=True), default=D.pretrain_kimg)
+@click.option('--pretrain-kimg', help='Pretraining on D_clean, thousands of images (not with --pretrained)', metavar='KIMG', type=finite_float(min=0, min_open=True), default=D.pretrain_kimg)
 @click.option('--break-lock',    help='Take over the run directory from a process on another machine that holds its lock (only when that process is gone)', is_flag=True)
 
 # Iterations.
 @click.option('--iters',         help='Number K of SFBD iterations', metavar='K', type=click.IntRange(min=1), default=D.iters)
-@click.option('--finetune-kimg', help='Fine-tuning per iteration, thousands of images', metavar='KIMG', type=click.FloatRange(min=0, min_open=True), default=D.finetune_kimg)
-@click.option('--ft-lr', 'finetune_lr',        help='Fine-tune learning rate (fresh Adam every iteration)  [default: --lr]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
-@click.option('--ft-lr-rampup', 'finetune_lr_rampup_kimg', help='Fine-tune lr warm-up in thousands of images, restarted every iteration  [default: --lr-rampup]', metavar='KIMG', type=click.FloatRange(min=0))
-@click.option('--ft-ema',        help='Fine-tune EMA half-life in millions of images  [default: --ema]', metavar='MIMG', type=click.FloatRange(min=0))
+@click.option('--finetune-kimg', help='Fine-tuning per iteration, thousands of images', metavar='KIMG', type=finite_float(min=0, min_open=True), default=D.finetune_kimg)
+@click.option('--ft-lr', 'finetune_lr',        help='Fine-tune learning rate (fresh Adam every iteration)  [default: --lr]', metavar='FLOAT', type=finite_float(min=0, min_open=True))
+@click.option('--ft-lr-rampup', 'finetune_lr_rampup_kimg', help='Fine-tune lr warm-up in thousands of images, restarted every iteration  [default: --lr-rampup]', metavar='KIMG', type=finite_float(min=0))
+@click.option('--ft-ema',        help='Fine-tune EMA half-life in millions of images  [default: --ema]', metavar='MIMG', type=finite_float(min=0))
 @click.option('--finetune-data', help='What each fine-tune trains on: ' + '; '.join(f'{k} = {v}' for k, v in FINETUNE_DATA.items()), type=click.Choice(list(FINETUNE_DATA)), default=D.finetune_data)
-@click.option('--clean-mix',     help='With --finetune-data=mix: the share of each fine-tune batch drawn from D_clean', metavar='FLOAT', type=click.FloatRange(min=0, max=1, max_open=True), default=D.clean_mix)
+@click.option('--clean-mix',     help='With --finetune-data=mix: the share of each fine-tune batch drawn from D_clean', metavar='FLOAT', type=finite_float(min=0, max=1, max_open=True), default=D.clean_mix)
 @click.option('--denoise-steps', help='Steps of the full EDM schedule (sigma 80 -> 0.002) before truncation at sigma_tau', metavar='INT', type=click.IntRange(min=2), default=D.denoise_steps)
 @click.option('--denoise-solver', help='Backward solver from sigma_tau to 0: ode (Heun, probability flow, as the official code) or sde (reverse-time SDE, as the paper)', type=click.Choice(['ode', 'sde']), default=D.denoise_solver)
 @click.option('--denoise-batch', help='Images per denoising batch; also the unit kept on a resume', metavar='INT', type=click.IntRange(min=1), default=D.denoise_batch)
@@ -65,17 +66,17 @@ BATCH_ONLY = ('iters', 'finetune_kimg', 'finetune_data', 'clean_mix', 'eval_ever
 
 # Online SFBD (SFBD flow, Lu, Lo, Yu, AISTATS 2026): one training run on D_clean and E, E refreshed a slice at a time.
 @click.option('--online',        help='Online SFBD instead of Algorithm 1: after model 0, one run on D_clean and E whose rows are re-denoised by the current EMA network a slice at a time (--iters, --finetune-kimg, --clean-mix, --eval-every do not apply)', is_flag=True)
-@click.option('--online-kimg',   help='--online: the run after model 0, thousands of images', metavar='KIMG', type=click.FloatRange(min=0, min_open=True), default=DO.online_kimg)
+@click.option('--online-kimg',   help='--online: the run after model 0, thousands of images', metavar='KIMG', type=finite_float(min=0, min_open=True), default=DO.online_kimg)
 @click.option('--refresh-every', help='--online: m, optimizer steps between two refreshes of E (the paper: 20 for CIFAR-10)', metavar='M', type=click.IntRange(min=1), default=DO.refresh_every)
 @click.option('--refresh-num',   help='--online: rows of E backward-denoised per refresh (the kid rule: the most), in a seeded order that visits every row once per cycle', metavar='N', type=click.IntRange(min=1), default=DO.refresh_num)
 @click.option('--refresh-rule',  help='--online: fixed = commit every denoised row; kid = commit N x the relative KID improvement of the new rows over the rows they replace, measured against D_clean', type=click.Choice(list(options.REFRESH_RULES)), default=DO.refresh_rule)
 @click.option('--refresh-min',   help='--online --refresh-rule=kid: rows committed at least per refresh  [default: --refresh-num / 4]', metavar='N', type=click.IntRange(min=0), default=DO.refresh_min)
 @click.option('--kid-detector',  help='--online --refresh-rule=kid: feature detector of the KID (pixels, inception, ...)  [default: --detector]', metavar='NAME|PKL', type=str)
-@click.option('--ramp-start', 'ramp_start_kimg', help='--online: the weight of E\'s rows is 0 until this online kimg ...', metavar='KIMG', type=click.FloatRange(min=0), default=DO.ramp_start_kimg)
-@click.option('--ramp-end', 'ramp_end_kimg', help='--online: ... and rises linearly to 1 at this online kimg', metavar='KIMG', type=click.FloatRange(min=0), default=DO.ramp_end_kimg)
+@click.option('--ramp-start', 'ramp_start_kimg', help='--online: the weight of E\'s rows is 0 until this online kimg ...', metavar='KIMG', type=finite_float(min=0), default=DO.ramp_start_kimg)
+@click.option('--ramp-end', 'ramp_end_kimg', help='--online: ... and rises linearly to 1 at this online kimg', metavar='KIMG', type=finite_float(min=0), default=DO.ramp_end_kimg)
 @click.option('--online-init', 'init', help='--online: E before the first refresh: denoise = the noisy set denoised once by model 0; noisy = the noisy images themselves', type=click.Choice(list(options.ONLINE_INITS)), default=DO.init)
-@click.option('--e-share',       help='--online: share of each batch drawn from E  [default: E\'s share of D_clean and E together]', metavar='FLOAT', type=click.FloatRange(min=0, max=1, min_open=True, max_open=True))
-@click.option('--eval-kimg',     help='--online: samples, E\'s error and FID every this many online kimg (at tick ends), and at the end', metavar='KIMG', type=click.FloatRange(min=0, min_open=True), default=DO.eval_kimg)
+@click.option('--e-share',       help='--online: share of each batch drawn from E  [default: E\'s share of D_clean and E together]', metavar='FLOAT', type=finite_float(min=0, max=1, min_open=True, max_open=True))
+@click.option('--eval-kimg',     help='--online: samples, E\'s error and FID every this many online kimg (at tick ends), and at the end', metavar='KIMG', type=finite_float(min=0, min_open=True), default=DO.eval_kimg)
 
 def main(**kwargs) -> None:
     """Train a diffusion model from a few clean and many noisy images with SFBD (Lu, Wu, Yu, ICML 2025).

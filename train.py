@@ -7,7 +7,7 @@ import re
 import click
 
 import dnnlib
-from dnnlib.cli import check_writable_dir, config_option, train_options
+from dnnlib.cli import check_writable_dir, config_option, finite_float, train_options
 from dnnlib.util import UserError
 from torch_utils import distributed
 from training import options, training_loop
@@ -52,9 +52,9 @@ def _remove_if_empty(paths: list[str]) -> None:
 @click.option('--outdir',       help='Where to make the run directory', metavar='DIR',                       type=str, required=True)
 @click.option('--data',         help='Training set: image folder/zip or array dataset', metavar='ZIP|DIR',  type=str, required=True)
 @click.option('--cond',         help='Train a class-conditional model', metavar='BOOL',                     type=bool, default=False)
-@click.option('--duration',     help='Training duration in millions of images (fractions allowed)', metavar='MIMG', type=click.FloatRange(min=0, min_open=True), default=200)
+@click.option('--duration',     help='Training duration in millions of images (fractions allowed)', metavar='MIMG', type=finite_float(min=0, min_open=True), default=200)
 @click.option('--mix-data',     help='Second data set mixed into every batch', metavar='ZIP|DIR',           type=str)
-@click.option('--mix-fraction', help='Share of each batch from --mix-data: round(f * batch) images', metavar='FLOAT', type=click.FloatRange(min=0, max=1), default=0)
+@click.option('--mix-fraction', help='Share of each batch from --mix-data: round(f * batch) images', metavar='FLOAT', type=finite_float(min=0, max=1), default=0)
 
 # The network and its training (shared with sfbd.py).
 @train_options

@@ -535,24 +535,24 @@ SFBD_CASES = {
     'noisy all NaN': (['--noisy={nan}'], 1, ['--noisy={nan}', 'not finite', 'fix the data set']),
     'noisy in 0..255': (['--noisy={u255}'], 1, ['--noisy={u255}', 'std', 'u / 127.5 - 1']),
     'sigma contradicted': (['--sigma=0.3'], 1, ['--sigma=0.3 contradicts', 'drop --sigma']),
-    'sigma nan': (['--sigma=nan'], 1, ['--sigma', 'finite']),
+    'sigma nan': (['--sigma=nan'], 2, ['--sigma', 'give a finite number']),  # refused by click's finite_float
     # a pretrained network that does not fit
     'pretrained other resolution': (['--pretrained={root}/net16.pt'], 1, ['takes 16x16 images', '8x8']),
     'pretrained missing': (['--pretrained={root}/nope.pt'], 1, ['No such file', 'nope.pt']),
-    'pretrained junk': (['--pretrained={root}/junk.pt'], 1, ['junk.pt', 'not a network file']),
+    'pretrained junk': (['--pretrained={root}/junk.pt'], 1, ['junk.pt', 'truncated or corrupt']),
     'pretrained conditional': (['--pretrained={root}/cond.pt'], 1, ['cond.pt is class-conditional', 'unconditional']),
     'pretrained NaN weights': (['--pretrained={root}/nan.pt'], 1, ['--pretrained={root}/nan.pt', 'not finite', 'trained well']),
     'pretrained without augment labels': (['--pretrained={root}/plain8.pt', '--augment=0.12'], 1, ['without augmentation labels', '--augment=0']),
     # non-finite and out-of-range numbers
-    'pretrain-kimg nan': (['--pretrain-kimg=nan'], 1, ['--pretrain-kimg', 'finite']),
-    'finetune-kimg inf': (['--finetune-kimg=inf'], 1, ['--finetune-kimg', 'finite']),
-    'ft-lr nan': (['--ft-lr=nan'], 1, ['--ft-lr', 'finite']),
-    'ft-ema inf': (['--ft-ema=inf'], 1, ['--ft-ema', 'finite']),
-    'lr inf': (['--lr=inf'], 1, ['lr (--lr)', 'finite']),
-    'ema inf': (['--ema=inf'], 1, ['ema_halflife_kimg (--ema)', 'finite']),
-    'tick nan': (['--tick=nan'], 1, ['kimg_per_tick (--tick)', 'finite']),
-    'dropout nan': (['--dropout=nan'], 1, ['dropout (--dropout)', 'in [0, 1]']),
-    'clean-mix nan': (['--clean-mix=nan'], 1, ['--clean-mix', '[0, 1)']),
+    'pretrain-kimg nan': (['--pretrain-kimg=nan'], 2, ['--pretrain-kimg', 'give a finite number']),  # refused by click's finite_float
+    'finetune-kimg inf': (['--finetune-kimg=inf'], 2, ['--finetune-kimg', 'give a finite number']),  # refused by click's finite_float
+    'ft-lr nan': (['--ft-lr=nan'], 2, ['--ft-lr', 'give a finite number']),  # refused by click's finite_float
+    'ft-ema inf': (['--ft-ema=inf'], 2, ['--ft-ema', 'give a finite number']),  # refused by click's finite_float
+    'lr inf': (['--lr=inf'], 2, ['--lr', 'give a finite number']),  # refused by click's finite_float
+    'ema inf': (['--ema=inf'], 2, ['--ema', 'give a finite number']),  # refused by click's finite_float
+    'tick nan': (['--tick=nan'], 2, ['--tick', 'give a finite number']),  # refused by click's finite_float
+    'dropout nan': (['--dropout=nan'], 2, ['--dropout', 'give a finite number']),  # refused by click's finite_float
+    'clean-mix nan': (['--clean-mix=nan'], 2, ['--clean-mix', 'give a finite number']),  # refused by click's finite_float
     'clean-mix one': (['--clean-mix=1'], 2, ["'--clean-mix'"]),
     'iters zero': (['--iters=0'], 2, ["'--iters'"]),
     # conflicting flags and networks that cannot be built
