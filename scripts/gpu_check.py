@@ -231,7 +231,7 @@ def check_bench(log: Log, out: str, smoke: bool, device: str, env: dict) -> dict
 # Each phase ends at the first output line matching its pattern (after the previous phase's end); 'start' is
 # python's start-up, imports and opening the data, 'finish' the summary after the last FID.
 PHASE_ENDS = [('start', r'^Constructing network'), ('pretrain', r'^Done: .*pretrain'), ('evaluate 0', r'^FID of model 0:'),
-              ('denoise', r'^Denoising E_1: (\d+)/\1 '), ('finetune', r'^Done: .*finetune'), ('evaluate 1', r'^FID of model 1:')]
+              ('denoise', r'^Denoising E_1: (\d+)/\1 '), ('finetune', r'^Done: .*finetune'), ('evaluate 1', r'^FID of model 1( over|:)')]
 SFBD_SIZES = {  # images in the data set, clean ones among them, resolution, sfbd.py's flags
     'full': dict(num=576, clean=64, resolution=32, args=['--config=cifar10-ddpmpp', '--pretrain-kimg=5', '--finetune-kimg=2.5',
                                                           '--tick=1.5', '--eval-num=256']),

@@ -101,7 +101,8 @@ def network_size(class_name: str, init_kwargs: dict, source: str = 'the file') -
 
     hook = torch.nn.modules.module.register_module_module_registration_hook(on_module)
     try:
-        with _LargeTensorsOnMeta():
+        # Small tensors are real and drawn from the global RNG: counting must not move the stream a seeded build uses.
+        with torch.random.fork_rng(devices=[]), _LargeTensorsOnMeta():
             net = _construct(cls, init_kwargs, source)
     except _TooManyModules:
         raise UserError(f'{source} describes a network ({cls.__name__}) of more than {MAX_MODULES:,} modules (EDM\'s '

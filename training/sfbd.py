@@ -392,8 +392,9 @@ def _evaluate(k: int, network: str, o: SFBDOptions, run: dnnlib.EasyDict) -> dic
         save_samples(os.path.join(d, 'samples.png'), net, o.grid_num, sampler_kwargs, run.device)
     if run.detector is not None and (k % o.eval_every == 0 or k == o.iters):
         # The last model as EDM reports it: seed set r = [r * eval_num, (r + 1) * eval_num); 'fid' is set 0 for every k.
-        sets = [network_fid(net, o, run, f'model {k}, seed set {r + 1}', first_seed=r * o.eval_num)
-                for r in range(o.final_fid_repeats if k == o.iters else 1)]
+        repeats = o.final_fid_repeats if k == o.iters else 1
+        sets = [network_fid(net, o, run, f'model {k}' + (f', seed set {r + 1}' if repeats > 1 else ''), first_seed=r * o.eval_num)
+                for r in range(repeats)]
         record.update(sets[0])
         if len(sets) > 1:
             fids = [x['fid'] for x in sets]
