@@ -278,7 +278,7 @@ def test_cli_notes_missing_originals(data, tmp_path):
     result, lines = invoke([f'--samples={data / "samples"}', f'--noisy={noisy}', f'--clean={data / "clean"}',
                             f'--outdir={tmp_path / "out"}', '--workers=0'])
     assert result.exit_code == 0, result.output
-    assert 'do not exist: not audited against them' in lines[0]
+    assert 'originals' in lines[0] and 'not audited against them (the originals do not exist)' in lines[0]
     report = json.loads((tmp_path / 'out' / 'audit.json').read_text())
     assert list(report['references']) == ['clean'] and report['summary']['share_below_heldout_p05'] is None
     assert_one_line_error(*invoke([f'--samples={data / "samples"}', f'--noisy={noisy}', f'--outdir={tmp_path / "o2"}']),

@@ -12,7 +12,7 @@ import dnnlib
 from dnnlib.util import UserError
 from torch_utils import distributed, perf
 from training import generation, metrics
-from training.dataset import Dataset, json_default, open_dataset
+from training.dataset import Dataset, json_default, open_dataset, originals_path
 from training.images import save_png, tile
 
 GU_THRESHOLD = 1 / 3             # Gu et al. 2023: a sample is memorized if d1 / d2 < 1/3
@@ -339,14 +339,6 @@ def audit_network(net: torch.nn.Module, seeds: Sequence[int], references: Mappin
 #----------------------------------------------------------------------------
 # Inputs.
 
-def resolve_originals(noisy_path: str, metadata: dict) -> str | None:
-    """The originals a noisy set's dataset.json names (a relative path is relative to the noisy set's directory), or None."""
-    path = metadata.get('originals')
-    if not path:
-        return None
-    return path if os.path.isabs(path) else os.path.normpath(os.path.join(noisy_path, path))
-
-
 def open_inputs(clean: str | None = None, noisy: str | None = None,
                 heldout: str | None = None) -> tuple[dict[str, Dataset], Dataset | None, list[str]]:
     """Open the reference sets ('clean', 'originals' of the noisy set) and the held-out set; return them and notes.
@@ -364,11 +356,12 @@ def open_inputs(clean: str | None = None, noisy: str | None = None,
         if noisy_set.sigma is None:
             raise UserError(f'--noisy={noisy} is not a noisy set: its dataset.json has no "sigma" '
                             '(make noisy sets with dataset_tool.py corrupt)')
-        path = resolve_originals(noisy, noisy_set.metadata)
-        if path is None:
+        missing = []
+        path = originals_path(noisy_set, on_missing=missing.append)
+        if missing:
+            notes.append(f'{missing[0]}; not audited against them (the originals do not exist)')
+        elif path is None:
             notes.append(f'{noisy} names no originals (own noisy data): not audited against them')
-        elif not os.path.exists(path):
-            notes.append(f'The originals {path} named by {noisy} do not exist: not audited against them')
         else:
             originals = open_dataset(path)
             if len(originals) != len(noisy_set) or originals.image_shape != noisy_set.image_shape:
