@@ -245,3 +245,22 @@ def test_euler_follows_the_gaussian_probability_flow_and_its_hand_recursion():
     calls = []
     sampler.euler_sampler(lambda x, sigma: calls.append(float(sigma)) or denoise(x, sigma), x0, torch.tensor(t, dtype=torch.float64))
     assert calls == t[:-1]  # N steps, N calls, at t_0 .. t_{N-1}
+
+
+def test_backward_schedule_passes_its_range_and_rho_on():
+    # EDM's formula with sigma_min 0.01, sigma_max 10, rho 3 and 6 steps, by hand; truncated at sigma_tau 0.5
+    # (the last t_i >= 0.5 becomes 0.5), rounded by a network that keeps 3 decimals.
+    i = np.arange(6)
+    t = (10 ** (1 / 3) + i / 5 * (0.01 ** (1 / 3) - 10 ** (1 / 3))) ** 3
+    t = np.round(t, 3)
+    first = int(np.flatnonzero(t >= 0.5).max())
+    expected = np.concatenate([[0.5], t[first + 1:], [0.0]])
+    round3 = lambda x: torch.round(torch.as_tensor(x) * 1000) / 1000  # noqa: E731
+    got = sampler.backward_sigmas(0.5, 6, sigma_min=0.01, sigma_max=10, rho=3, round_sigma=round3)
+    np.testing.assert_allclose(got.numpy(), expected, rtol=0, atol=1e-12)
+    seen = []
+    sampler.backward_sample(lambda x, s: seen.append(float(s)) or x, torch.zeros([1, 1, 2, 2], dtype=torch.float64), 0.5, 6,
+                            sigma_min=0.01, sigma_max=10, rho=3, round_sigma=round3)
+    # Heun: D at t_i and at t_{i+1} for every step, only at t_i for the last one into sigma 0.
+    heun = [float(v) for a, b in zip(expected[:-1], expected[1:]) for v in ((a, b) if b > 0 else (a,))]
+    assert seen == pytest.approx(heun)
