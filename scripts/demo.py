@@ -145,8 +145,7 @@ def run_demo(outdir: str, *, preset: str, max_images: int | None, clean: float, 
             d = os.path.join(outdir, name, f'stage-{k:03d}')
             run('train.py', f'--config={preset}', f'--outdir={d}', '--nosubdir', f'--data={data_path}',
                 f'--duration={(F if k else P) / 1000:g}', f'--seed={seed + k}',
-                *([f'--transfer={network}'] if network else []), *(finetune_args if k else []),
-                *([f'--resume={d}'] if glob.glob(os.path.join(d, 'training-state-*.pt')) else []))
+                *([f'--transfer={network}'] if network else []), *(finetune_args if k else []))  # a rerun resumes by itself
             network = _newest_snapshot(d)
             fds[name].append(_fd_from_output(run('fid.py', 'gen', f'--network={network}', f'--ref={ref}', '--repeats=1',
                                                  '--seed=0', *eval_args)))
