@@ -16,15 +16,19 @@ from training.images import to_uint8
 
 #----------------------------------------------------------------------------
 
-def digits(device: torch.device) -> torch.Tensor:
-    """scikit-learn's 1,797 handwritten digits (8x8 grey, 17 levels) in [-1, 1] units, N x 1 x 8 x 8."""
-    x = sklearn.datasets.load_digits().images.astype(np.float32) / 16 * 2 - 1
-    return torch.from_numpy(x[:, None]).to(device)
+def digits(device: torch.device, preset: str = 'tiny') -> torch.Tensor:
+    """scikit-learn's 1,797 handwritten digits (8x8 grey, 17 levels) in [-1, 1] units, N x 1 x 8 x 8; for a paper
+    preset, enlarged (bilinear) to its resolution and repeated to RGB, so its real network trains on them."""
+    x = torch.from_numpy(sklearn.datasets.load_digits().images.astype(np.float32)[:, None] / 16 * 2 - 1)
+    if preset != 'tiny':
+        x = torch.nn.functional.interpolate(x, size=common.RESOLUTIONS[preset], mode='bilinear', align_corners=False).repeat(1, 3, 1, 1)
+    return x.to(device)
 
 
-def train_curve(data: torch.Tensor, steps: int, batch: int, seed: int, bf16: bool, device: torch.device) -> tuple[np.ndarray, torch.nn.Module]:
-    """Per-step mean loss of the tiny preset trained on `data`; same init for every call, data order and noise keyed by seed."""
-    c = common.training_kwargs('tiny')
+def train_curve(data: torch.Tensor, steps: int, batch: int, seed: int, bf16: bool, device: torch.device,
+                preset: str = 'tiny') -> tuple[np.ndarray, torch.nn.Module]:
+    """Per-step mean loss of the preset's network trained on `data`; same init for every call, data order and noise keyed by seed."""
+    c = common.training_kwargs(preset)
     torch.manual_seed(0)
     net = dnnlib.util.construct_class_by_name(img_resolution=data.shape[2], img_channels=data.shape[1], label_dim=0,
                                               **c.network_kwargs).to(device).train().requires_grad_(True)
@@ -75,6 +79,8 @@ def sampling_guard(net: torch.nn.Module, noisy: torch.Tensor, device: torch.devi
 @click.option('--steps', type=click.IntRange(min=20), default=400, show_default=True, help='Training steps per run.')
 @click.option('--batch', type=click.IntRange(min=1), default=64, show_default=True, help='Training batch (images).')
 @click.option('--window', type=click.IntRange(min=5), default=100, show_default=True, help='Last steps averaged for the loss comparison.')
+@click.option('--train-preset', type=click.Choice(['tiny', *sorted(p for p in common.RESOLUTIONS if p != 'tiny')]), default='tiny', show_default=True,
+              help='Network of the training check: tiny, or a paper preset at its true size (digits enlarged to its resolution, RGB).')
 @click.option('--sample-steps', type=click.IntRange(min=2), default=18, show_default=True, help='EDM schedule steps for sampling (18 = 35 NFE).')
 @click.option('--sigma-tau', type=click.FloatRange(min=0, min_open=True), default=0.2, show_default=True, help='Noise of the denoising check, [-1, 1] pixel units.')
 @click.option('--sample-preset', type=click.Choice(['trained-tiny', *sorted(common.RESOLUTIONS)]), default='trained-tiny', show_default=True,
@@ -83,19 +89,19 @@ def sampling_guard(net: torch.nn.Module, noisy: torch.Tensor, device: torch.devi
 @click.option('--device', type=click.Choice(['cpu', 'cuda']), default='cuda' if torch.cuda.is_available() else 'cpu', show_default=True, help='Where to run.')
 @click.option('--threads', type=click.IntRange(min=1), default=None, help='CPU threads for torch  [default: torch default]')
 @click.option('--json', 'json_path', type=click.Path(dir_okay=False), default=None, help='Also write the results here as JSON.')
-def main(steps, batch, window, sample_steps, sigma_tau, sample_preset, num_images, device, threads, json_path):
+def main(steps, batch, window, train_preset, sample_steps, sigma_tau, sample_preset, num_images, device, threads, json_path):
     """Check that bf16 autocast keeps quality: the loss curve and sampled images against fp32.
 
-    Training: tiny preset on scikit-learn's digits, fp32 and bf16 from the same init with the same data
+    Training: --train-preset's network on scikit-learn's digits, fp32 and bf16 from the same init with the same data
     order and noise (seed 0), plus fp32 with seed 1 as the yardstick of noise. bf16 passes when its
     late-window mean loss differs from fp32's by no more than 2x the seed-to-seed difference (or 1%).
     Sampling: mean/max |difference| in uint8 levels and PSNR between fp32 and bf16 outputs.
     """
     dev = common.setup_device(device, threads)
-    data = digits(dev)
-    fp32_a, net = train_curve(data, steps, batch, 0, False, dev)
-    bf16_a, _ = train_curve(data, steps, batch, 0, True, dev)
-    fp32_b, _ = train_curve(data, steps, batch, 1, False, dev)
+    data = digits(dev, train_preset)
+    fp32_a, net = train_curve(data, steps, batch, 0, False, dev, train_preset)
+    bf16_a, _ = train_curve(data, steps, batch, 0, True, dev, train_preset)
+    fp32_b, _ = train_curve(data, steps, batch, 1, False, dev, train_preset)
     late = slice(steps - window, steps)
     m_fp32, m_bf16, m_seed = fp32_a[late].mean(), bf16_a[late].mean(), fp32_b[late].mean()
     tolerance = max(2 * abs(m_seed - m_fp32), 0.01 * m_fp32)
@@ -103,7 +109,7 @@ def main(steps, batch, window, sample_steps, sigma_tau, sample_preset, num_image
     smooth = lambda c: np.convolve(c, np.ones(20) / 20, mode='valid')
     curve_rel = float(np.abs(smooth(bf16_a) - smooth(fp32_a)).max() / smooth(fp32_a).mean())
     curve_rel_seed = float(np.abs(smooth(fp32_b) - smooth(fp32_a)).max() / smooth(fp32_a).mean())
-    train = dict(steps=steps, batch=batch, window=window, fp32_loss=float(m_fp32), bf16_loss=float(m_bf16),
+    train = dict(preset=train_preset, steps=steps, batch=batch, window=window, fp32_loss=float(m_fp32), bf16_loss=float(m_bf16),
                  fp32_seed1_loss=float(m_seed), bf16_minus_fp32=float(m_bf16 - m_fp32), seed_noise=float(m_seed - m_fp32),
                  tolerance=float(tolerance), max_smoothed_rel_diff_bf16=curve_rel, max_smoothed_rel_diff_seed=curve_rel_seed,
                  passed=bool(abs(m_bf16 - m_fp32) <= tolerance))

@@ -33,7 +33,7 @@ from training import data_prep, metrics  # noqa: E402 (needs ROOT on the path)
 
 TESTS = ['tests/test_paper_recipes.py', 'tests/test_training_loop.py', 'tests/test_sampler.py']
 # Seconds each step may run: together the full check's 10 minutes. A step killed at its limit keeps what it wrote.
-TIMEOUTS = {'pytest': 270, 'quality_guard': 45, 'bench_train': 165, 'sfbd_iteration': 120}
+TIMEOUTS = {'pytest': 195, 'quality_guard': 120, 'bench_train': 165, 'sfbd_iteration': 120}
 BENCH_VARIANTS = 'fp32,bf16,bf16+cl+sdpa,bf16+cl+sdpa+compile'
 
 # sfbd.py run through this reports the CUDA memory its process allocated: python -c CUDA_REPORTER OUT.json sfbd.py ARGS.
@@ -195,11 +195,11 @@ def check_tests(log: Log, out: str, smoke: bool, env: dict) -> dict:
 # (b) The bf16 quality guard, (c) the training bench.
 
 def check_quality(log: Log, out: str, smoke: bool, device: str, env: dict) -> dict:
-    """bench/quality_guard.py: bf16 against fp32 training (tiny preset, its only training size) and sampling with
-    the CIFAR-10 preset's network (random weights, 32x32). rc 1 with a JSON is a FAIL verdict, not a crash."""
+    """bench/quality_guard.py: bf16 against fp32 training of the CIFAR-10 preset's network at its true size (200 steps
+    of 64 enlarged digits) and sampling with it (random weights, 32x32). rc 1 with a JSON is a FAIL verdict, not a crash."""
     path = os.path.join(out, 'quality_guard.json')
     size = (['--steps=20', '--window=5', '--batch=8', '--sample-steps=4', '--num-images=2', '--sample-preset=tiny', '--threads=1']
-            if smoke else ['--sample-preset=cifar10-ddpmpp'])
+            if smoke else ['--train-preset=cifar10-ddpmpp', '--steps=200', '--window=50', '--sample-preset=cifar10-ddpmpp'])
     step = run_step(log, 'quality_guard', [sys.executable, 'bench/quality_guard.py', f'--device={device}', *size, f'--json={path}'],
                     TIMEOUTS['quality_guard'], env)
     guard = read_json(path)
