@@ -37,6 +37,20 @@ def run_python(args: list[str], timeout: float = 300, env: dict | None = None, c
     return res
 
 
+def killed_after_first_state(cli: str) -> str:
+    """A `python -c` script that runs the CLI module `cli` (train, sfbd) and SIGKILLs itself right after the
+    first training state is written: a kill at the worst moment, for the resume tests."""
+    return (f'import os, signal, sys\n'
+            f'from training import checkpoint\n'
+            f'save = checkpoint.save_training_state\n'
+            f'def save_and_die(path, **kwargs):\n'
+            f'    save(path, **kwargs)\n'
+            f'    os.kill(os.getpid(), signal.SIGKILL)\n'
+            f'checkpoint.save_training_state = save_and_die\n'
+            f'import {cli}\n'
+            f'{cli}.main(sys.argv[1:])\n')
+
+
 @pytest.fixture
 def torchrun():
     return run_torchrun

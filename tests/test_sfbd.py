@@ -13,7 +13,7 @@ import torch
 
 import dnnlib
 import sfbd as sfbd_cli
-from tests.conftest import run_python
+from tests.conftest import killed_after_first_state, run_python
 from torch_utils import perf
 from training import checkpoint, data_prep, metrics, options, sampler, sfbd, training_loop
 from training.dataset import ArrayDatasetWriter, open_dataset
@@ -273,18 +273,7 @@ def test_one_and_two_processes_give_identical_e1(run_a, data, tmp_path, torchrun
     assert all((r >= main_size).sum() == 8 for r in rows)
 
 
-# Run sfbd.py in a process that SIGKILLs itself right after the first training state is written.
-_KILLED_AFTER_STATE = """
-import os, signal, sys
-from training import checkpoint
-save = checkpoint.save_training_state
-def save_and_die(path, **kwargs):
-    save(path, **kwargs)
-    os.kill(os.getpid(), signal.SIGKILL)
-checkpoint.save_training_state = save_and_die
-import sfbd
-sfbd.main(sys.argv[1:])
-"""
+_KILLED_AFTER_STATE = killed_after_first_state('sfbd')
 
 
 def test_resume_after_kills_equals_uninterrupted(run_a, data, tmp_path, monkeypatch):

@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 import train
-from tests.conftest import ROOT, free_port, run_python
+from tests.conftest import ROOT, free_port, killed_after_first_state, run_python
 from tests.test_training_loop import make_image_folder, tiny_options
 from torch_utils import perf
 from training import checkpoint, training_loop
@@ -233,18 +233,7 @@ def test_under_torchrun_every_rank_gives_the_same_line(tmp_path, data):
     assert os.listdir(run) == []  # rank 0 wrote nothing, and no other rank did
 
 
-# train.py in a process that SIGKILLs itself right after writing its first training state.
-_KILLED_AFTER_STATE = '''
-import os, signal, sys
-from training import checkpoint
-save = checkpoint.save_training_state
-def save_and_die(path, **kwargs):
-    save(path, **kwargs)
-    os.kill(os.getpid(), signal.SIGKILL)
-checkpoint.save_training_state = save_and_die
-import train
-train.main(sys.argv[1:])
-'''
+_KILLED_AFTER_STATE = killed_after_first_state('train')
 
 
 def _ticks(run_dir) -> list[float]:
